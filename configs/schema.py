@@ -1,0 +1,93 @@
+"""Typed configs of a self-play cycle: one small model per component, the recipe is plain YAML over them.
+
+Each stage's section is part of that stage's fingerprint, so only what changes the stage's output belongs in it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from configs.loader import Strict
+from storage.names import validate_name
+
+class RunConfig(Strict):
+    name: str = Field("tiny", description="run name: the folder under the store")
+    store: str = Field("./runs", description="artifact store: a local folder or any fsspec URL")
+    seed: int = Field(0, ge=0, description="base seed of every random choice in the cycle")
+    cycle: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v, "run name")
+
+
+class ModelConfig(Strict):
+    backend: Literal["embedded", "janus"] = "embedded"
+    checkpoint: str = Field("base", description="'base' (shipped), 'promoted', a registry id or a local directory")
+    registry_line: str = "default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+
+class ProposeConfig(Strict):
+    num_prompts: int = Field(64, ge=1, le=1_000_000)
+    category_shares: dict[str, float] = Field(default_factory=dict)
+    examples_per_call: tuple[int, int] = (1, 3)
+    temperature: float = Field(0.8, gt=0, le=2.0)
+    discard_pool_share: float = Field(0.25, ge=0, le=1, description="max share of prompts taken from the pool")
+    max_attempts_factor: int = Field(4, ge=1, le=50, description="proposal calls per wanted prompt, at most")
+
+    @field_validator("category_shares")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(s < 0 for s in v.values()):
+            raise ValueError("category shares must be >= 0")
+        if v and sum(v.values()) <= 0:
+            raise ValueError("category shares must not all be 0")
+        return v
+
+
+class RolloutConfig(Strict):
+    samples_per_prompt: int = Field(8, ge=1, le=64)
+    cfg_min: float = Field(3.0, ge=0)
+    cfg_max: float = Field(8.0, ge=0)
+    temperature: float = Field(1.0, gt=0, le=5.0)
+    top_k: int | None = Field(None, ge=1)
+    prompts_per_shard: int = Field(32, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _cfg_range(self) -> "RolloutConfig":
+        if self.cfg_min > self.cfg_max:
+            raise ValueError(f"cfg_min ({self.cfg_min}) must be <= cfg_max ({self.cfg_max})")
+        return self
+
+
+class JudgeConfig(Strict):
+    judge: str = Field("self", description="'self' (the model's own judge) or 'oracle' (measuring only)")
+    rubric: dict = Field(default_factory=dict, description="overrides of the world's default rubric")
+    images_per_shard: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class SelectConfig(Strict):
+    threshold: float = Field(7.0, ge=0, le=10)
+    seed: int = Field(0, ge=0, description="tie-breaking RNG")
+
+
+class StageCacheConfig(Strict):
+    retries: int = Field(2, ge=0, le=10)
+    retry_delay_s: float = Field(2.0, ge=0)
+
+
+class CycleConfig(Strict):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    propose: ProposeConfig = ProposeConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    judge: JudgeConfig = JudgeConfig()
+    select: SelectConfig = SelectConfig()
+    stages: StageCacheConfig = StageCacheConfig()

@@ -1,0 +1,89 @@
+"""`selfplay`: the command line. Commands parse arguments and hand over to flows and stages; no logic lives here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Self-play post-training for unified multimodal models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks that print JSON as their last line.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect and validate configs.", no_args_is_help=True)
+ckpt_app = typer.Typer(help="The checkpoint registry: list and promote.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(config_app, name="config")
+app.add_typer(ckpt_app, name="checkpoints")
+
+ConfigPath = Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/cycle/tiny.yaml")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")]
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def load_cycle_config(path: Path, overrides: list[str] | None):
+    from configs.loader import ConfigError, load_config
+    from configs.schema import CycleConfig
+
+    try:
+        return load_config(path, CycleConfig, overrides or [])
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@config_app.command("show")
+def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Validate a cycle config with overrides and print it resolved, as YAML."""
+    import yaml
+
+    cfg = load_cycle_config(config, overrides)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+@ckpt_app.command("list")
+def checkpoints_list(store: str = "./runs", line: str = "default") -> None:
+    """List registered checkpoints with their parent, cycle and metrics (JSON lines)."""
+    from storage import Registry
+
+    reg = Registry(store, line)
+    promoted = reg.promoted()
+    for m in reg.list():
+        row = m.model_dump(include={"checkpoint_id", "parent", "cycle", "data_fingerprint", "metrics"})
+        row["promoted"] = promoted is not None and promoted.checkpoint_id == m.checkpoint_id
+        typer.echo(json.dumps(row))
+
+
+@ckpt_app.command("promote")
+def checkpoints_promote(checkpoint_id: str, store: str = "./runs", line: str = "default") -> None:
+    """Point the line's 'promoted' pointer at a registered checkpoint (atomic switch)."""
+    from storage import Registry, RegistryError
+
+    try:
+        Registry(store, line).promote(checkpoint_id)
+    except (RegistryError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"promoted {checkpoint_id}")
+
+
+@bench_app.command("storage")
+def bench_storage(rows: int = 20_000, parts: int = 20) -> None:
+    """Write, verify and read an image dataset through the artifact store."""
+    from storage.bench import bench_storage as run
+
+    typer.echo(json.dumps(run(rows=rows, parts=parts)))
+
+
+# --- the embedded world and model (model/world, model/embedded) register here ---
+# --- end of registrations ---
+
+if __name__ == "__main__":
+    app()
