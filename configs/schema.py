@@ -5,12 +5,22 @@ Each stage's section is part of that stage's fingerprint, so only what changes t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from configs.loader import Strict
 from storage.names import validate_name
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> Path:
+    """A recipe's relative path: from the working directory if it exists there, else from the project root."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else PROJECT_ROOT / p
+
 
 class RunConfig(Strict):
     name: str = Field("tiny", description="run name: the folder under the store")
@@ -34,6 +44,7 @@ class ModelConfig(Strict):
 
 class ProposeConfig(Strict):
     num_prompts: int = Field(64, ge=1, le=1_000_000)
+    seed_file: str = Field("configs/seeds/shapeworld.yaml", description="category -> seed prompts (YAML)")
     category_shares: dict[str, float] = Field(default_factory=dict)
     examples_per_call: tuple[int, int] = (1, 3)
     temperature: float = Field(0.8, gt=0, le=2.0)
@@ -76,6 +87,9 @@ class JudgeConfig(Strict):
 class SelectConfig(Strict):
     threshold: float = Field(7.0, ge=0, le=10)
     seed: int = Field(0, ge=0, description="tie-breaking RNG")
+    pool_max_tries: int = Field(3, ge=1, description="cycles a prompt may stay in the discard pool")
+    seed_min_score: float = Field(10.0, ge=0, le=10, description="best score that makes a prompt a future seed")
+    seeds_per_category: int = Field(64, ge=1, description="seed library size per category (newest kept)")
 
 
 class StageCacheConfig(Strict):

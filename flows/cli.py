@@ -74,6 +74,36 @@ def checkpoints_promote(checkpoint_id: str, store: str = "./runs", line: str = "
     typer.echo(f"promoted {checkpoint_id}")
 
 
+@app.command("generate")
+def generate(config: ConfigPath, overrides: Overrides = None,
+             refresh: Annotated[Optional[list[str]], typer.Option(help="stage to recompute (repeatable)")] = None
+             ) -> None:
+    """The generation side of a cycle: propose -> rollout -> judge -> select, cached by fingerprint."""
+    cfg = load_cycle_config(config, overrides)
+    from flows.cycle import generate_flow
+
+    summary = generate_flow(cfg, refresh=refresh or [])
+    typer.echo(json.dumps(summary))
+
+
+@app.command("stage")
+def stage(name: Annotated[str, typer.Argument(help="propose, rollout, judge or select")],
+          run: Annotated[str, typer.Option(help="an existing run's name")],
+          overrides: Overrides = None, store: str = "./runs",
+          refresh: Annotated[bool, typer.Option(help="recompute even if cached")] = False) -> None:
+    """Rerun one stage of an existing run from its cached upstream artifacts."""
+    from configs.loader import ConfigError
+    from flows.cycle import config_for_run, stage_flow
+    from storage import validate_name
+
+    try:
+        validate_name(run, "run name")
+        cfg = config_for_run(store, run, overrides or [])
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(stage_flow(name, cfg, refresh=refresh)))
+
+
 @bench_app.command("storage")
 def bench_storage(rows: int = 20_000, parts: int = 20) -> None:
     """Write, verify and read an image dataset through the artifact store."""

@@ -75,6 +75,20 @@ class UnifiedModel(Protocol):
     def loss(self, examples: list[CPRExample]) -> Any:
         """Mean training loss (a scalar tensor with grad) over a batch of CPR examples of any kinds."""
 
+    # Optional: a backend whose prompt language has a grammar says which proposals are valid.
+    # `canonical_prompt(text) -> (canonical_text | None, category | None, invalid_reason | None)`;
+    # stages fall back to generic checks (non-empty, bounded length) when a backend lacks it.
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything that scores (prompt, image) pairs: the model itself (judge_id 'self'), an oracle, a VLM."""
+
+    judge_id: str
+
+    def judge(self, prompts: list[str], images: list[Image.Image], rubric: Any) -> list[Judgement]:
+        ...
+
 
 def require_role(model: Any, role: str) -> None:
     if role not in getattr(model, "roles", frozenset()):

@@ -114,10 +114,7 @@ class Dataset:
         return f"{self.dir}/{MANIFEST}"
 
     def parquet_files(self) -> list[str]:
-        m = self.manifest()
-        if m is None:
-            raise FileNotFoundError(f"dataset {self.dir} does not exist (no manifest)")
-        return [f"{self.dir}/{p.file}" for p in m.parts]
+        return [f"{self.dir}/{p.file}" for p in self._require_manifest().parts]
 
     # --- manifest ----------------------------------------------------------------------------------
     def manifest(self) -> Manifest | None:
@@ -175,6 +172,15 @@ class Dataset:
         self.store.remove(self._sidecar(i))
         self.store.remove(self.part_path(i))
 
+    def clear(self, n_parts: int) -> None:
+        """Forget the dataset: manifest first (it stops existing), then its parts."""
+        self.store.remove(self.manifest_path)
+        for i in range(n_parts):
+            self.drop_part(i)
+
+    def intact(self) -> bool:
+        return self.exists() and not self.verify()
+
     # --- commit & read -------------------------------------------------------------------------
     def commit(self, parts: list[PartInfo], *, config: Any, upstream: Mapping[str, DatasetRef | str],
                model_id: str | None, code_version: str, timings: dict[str, float] | None = None) -> Manifest:
@@ -206,17 +212,25 @@ class Dataset:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """All rows, after checking every part against its checksum; a damaged part raises, never reads."""
+        m = self._require_manifest()
+        return pa.concat_tables([self._read_part(p, columns) for p in m.parts])
+
+    def read_part(self, i: int, columns: list[str] | None = None) -> pa.Table:
+        """The manifest's i-th part, checked against its checksum."""
+        return self._read_part(self._require_manifest().parts[i], columns)
+
+    def _require_manifest(self) -> Manifest:
         m = self.manifest()
         if m is None:
             raise FileNotFoundError(f"dataset {self.dir} does not exist (no manifest)")
-        tables = []
-        for p in m.parts:
-            data = self.store.read_bytes(f"{self.dir}/{p.file}")
-            problem = self._check_bytes(data, p)
-            if problem:
-                raise CorruptPartError(f"dataset {self.dir}: {problem}")
-            tables.append(pq.read_table(io.BytesIO(data), columns=columns))
-        return pa.concat_tables(tables) if tables else pa.table({})
+        return m
+
+    def _read_part(self, p: PartInfo, columns: list[str] | None) -> pa.Table:
+        data = self.store.read_bytes(f"{self.dir}/{p.file}")
+        problem = self._check_bytes(data, p)
+        if problem:
+            raise CorruptPartError(f"dataset {self.dir}: {problem}")
+        return pq.read_table(io.BytesIO(data), columns=columns)
 
     def to_polars(self, columns: list[str] | None = None):
         import polars as pl
@@ -233,6 +247,27 @@ class BuildResult:
     repaired: list[str] = field(default_factory=list)
 
 
+def commit_parts(ref: DatasetRef, n_parts: int, *, config: Any, upstream: Mapping[str, DatasetRef | str],
+                 model_id: str | None, code_version: str, timings: dict[str, float] | None = None) -> Manifest:
+    """Write the manifest over parts 0..n_parts-1, all of which must be committed and intact.
+
+    Under a lock, and only if no intact manifest is there yet: of two concurrent writers, one commits.
+    """
+    ds = ref.open()
+    parts = []
+    for i in range(n_parts):
+        info = ds.committed_part(i)
+        if info is None:
+            raise CorruptPartError(f"{ref.name}: part {i} is missing or damaged; cannot commit")
+        parts.append(info)
+    with ds.store.lock(f"{ds.dir}/.lock-manifest"):
+        m = ds.manifest()
+        if m is None or ds.verify():
+            m = ds.commit(parts, config=config, upstream=upstream, model_id=model_id, code_version=code_version,
+                          timings=timings)
+    return m
+
+
 def build(ref: DatasetRef, n_parts: int, compute_part: Callable[[int], pa.Table], *, config: Any,
           upstream: Mapping[str, DatasetRef | str], model_id: str | None, code_version: str,
           on_part: Callable[[int, bool], None] | None = None, log: Callable[[str], None] = print,
@@ -243,9 +278,7 @@ def build(ref: DatasetRef, n_parts: int, compute_part: Callable[[int], pa.Table]
     ds = ref.open()
     repaired: list[str] = []
     if refresh:
-        ds.store.remove(ds.manifest_path)
-        for i in range(n_parts):
-            ds.drop_part(i)
+        ds.clear(n_parts)
     elif ds.exists():
         repaired = ds.verify()
         if not repaired:
@@ -262,11 +295,8 @@ def build(ref: DatasetRef, n_parts: int, compute_part: Callable[[int], pa.Table]
             computed.append(i)
         if on_part is not None:
             on_part(i, did)
-    wall = time.perf_counter() - t0
-    with ds.store.lock(f"{ds.dir}/.lock-manifest"):
-        m = ds.manifest()
-        if m is None or ds.verify():
-            m = ds.commit(parts, config=config, upstream=upstream, model_id=model_id, code_version=code_version,
-                          timings={"wall_s": round(wall, 4),
-                                   "compute_s": round(sum(p.seconds for p in parts if p.index in computed), 4)})
+    timings = {"wall_s": round(time.perf_counter() - t0, 4),
+               "compute_s": round(sum(p.seconds for p in parts if p.index in computed), 4)}
+    m = commit_parts(ref, n_parts, config=config, upstream=upstream, model_id=model_id, code_version=code_version,
+                     timings=timings)
     return BuildResult(ref, m, reused=False, computed_parts=computed, repaired=repaired)

@@ -1,0 +1,132 @@
+"""propose: the model writes its own prompts.
+
+Each call gets a category (drawn by the configured shares) and 1-3 few-shot seeds of that category from the
+seed library: the recipe's seed prompts plus the judge's best prompts of earlier cycles (the `seed_library`
+input, written by select). Prompts from the previous discard pool are offered again (curriculum). Exact and
+near duplicates (same canonical form) are removed; invalid proposals are kept with their reason and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+
+from configs.schema import ProposeConfig, resolve_path
+from model.protocol import require_role
+from storage import DatasetRef
+from tasks.common import StageContext, StagePlan, make_plan, prompt_id, read, run_stage, stable_seed
+
+NAME = "prompts"
+CODE_VERSION = "1"
+MAX_PROMPT_CHARS = 300
+
+SCHEMA = pa.schema([("prompt_id", pa.string()), ("cycle", pa.int32()), ("category", pa.string()),
+                    ("prompt", pa.string()), ("seed_prompt_ids", pa.list_(pa.string())), ("source", pa.string()),
+                    ("valid", pa.bool_()), ("invalid_reason", pa.string())])
+
+
+def load_seed_file(path: str | Path) -> dict[str, list[str]]:
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise ValueError(f"{path}: expected a mapping of category -> non-empty list of seed prompts")
+    return {str(k): [str(p) for p in v] for k, v in data.items()}
+
+
+def _canonical(model, text: str) -> tuple[str | None, str | None, str | None]:
+    """(canonical form, category, invalid reason) from the backend's grammar, else generic checks."""
+    if hasattr(model, "canonical_prompt"):
+        return model.canonical_prompt(text)
+    norm = re.sub(r"\s+", " ", text.strip().lower()).strip(" .")
+    if not norm:
+        return None, None, "empty prompt"
+    if len(text) > MAX_PROMPT_CHARS:
+        return None, None, f"longer than {MAX_PROMPT_CHARS} characters"
+    return norm, None, None
+
+
+def plan(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext) -> StagePlan:
+    seeds = load_seed_file(resolve_path(cfg.seed_file))
+    # the seeds' content, not their file name, is part of the fingerprint
+    return make_plan(NAME, inputs, {**cfg.model_dump(mode="json", exclude={"seed_file"}), "seeds": seeds}, ctx,
+                     CODE_VERSION, n_parts=1, seeds=seeds, cfg=cfg)
+
+
+def _library(p: StagePlan) -> dict[str, list[tuple[str, str]]]:
+    """category -> [(prompt_id, prompt)]: the recipe's seeds, then earlier cycles' best prompts."""
+    lib = {c: [(prompt_id(t), t) for t in ts] for c, ts in p.extra["seeds"].items()}
+    if "seed_library" in p.inputs:
+        for row in read(p.inputs["seed_library"], ["prompt_id", "prompt", "category"]).to_pylist():
+            lib.setdefault(row["category"], []).append((row["prompt_id"], row["prompt"]))
+    return lib
+
+
+def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
+    cfg: ProposeConfig = p.extra["cfg"]
+    model = ctx.model
+    require_role(model, "propose")
+    rng = random.Random(stable_seed(ctx.run_seed, ctx.cycle, "propose"))
+    lib = _library(p)
+    shares = cfg.category_shares or {c: 1.0 for c in lib}
+    unknown = sorted(set(shares) - set(lib))
+    if unknown:
+        raise ValueError(f"propose.category_shares names categories with no seed prompts: {unknown}")
+    cats, weights = zip(*[(c, w) for c, w in shares.items() if w > 0])
+    rows, seen = [], set()
+    stats = Counter()
+
+    def add(text, category, source, seed_ids):
+        canon, cat, reason = _canonical(model, text)
+        if reason is None and canon in seen:
+            stats["duplicates_removed"] += 1
+            return False
+        pid = prompt_id(text if reason is None else f"{text}\x00invalid\x00{len(rows)}")
+        if reason is None:
+            seen.add(canon)
+        stats["valid" if reason is None else "invalid"] += 1
+        rows.append({"prompt_id": pid, "cycle": ctx.cycle, "category": cat or category, "prompt": text,
+                     "seed_prompt_ids": seed_ids, "source": source, "valid": reason is None,
+                     "invalid_reason": reason})
+        return reason is None
+
+    # 1. the previous discard pool, oldest first (curriculum), up to its share
+    n_pool = 0
+    if "discard_pool" in p.inputs:
+        pool = sorted(read(p.inputs["discard_pool"]).to_pylist(), key=lambda r: (-r["cycles_tried"], r["prompt_id"]))
+        for r in pool[: int(cfg.discard_pool_share * cfg.num_prompts)]:
+            n_pool += add(r["prompt"], r["category"], "discard-pool", [])
+    # 2. fresh proposals until enough valid unique prompts or attempts run out
+    want, attempts, batch = cfg.num_prompts - n_pool, 0, 256
+    max_attempts = cfg.max_attempts_factor * max(want, 1)
+    while stats["valid"] - n_pool < want and attempts < max_attempts:
+        n = min(batch, max_attempts - attempts, 2 * (want - (stats["valid"] - n_pool)) + 8)
+        calls = []
+        for _ in range(n):
+            cat = rng.choices(cats, weights)[0]
+            k = rng.randint(*cfg.examples_per_call)
+            calls.append((cat, rng.sample(lib[cat], min(k, len(lib[cat]))), rng.randrange(2**31)))
+        attempts += n
+        texts = model.propose([c for c, _, _ in calls], [[t for _, t in ex] for _, ex, _ in calls],
+                              [s for _, _, s in calls], temperature=cfg.temperature)
+        for (cat, ex, _), text in zip(calls, texts):
+            if stats["valid"] - n_pool >= want:
+                break
+            add(text, cat, "proposed", [pid for pid, _ in ex])
+    stats["attempts"] = attempts
+    valid_new = stats["valid"] - n_pool
+    ctx.log(f"[propose] {stats['valid']} valid ({n_pool} from the discard pool), {stats['invalid']} invalid, "
+            f"{stats['duplicates_removed']} duplicates removed, {attempts} proposals")
+    if valid_new < want:
+        ctx.log(f"[propose] warning: only {valid_new} of {want} new prompts after {attempts} proposals")
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    return table.replace_schema_metadata({"stats": json.dumps(dict(stats))})
+
+
+def run(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext, refresh: bool = False) -> DatasetRef:
+    p = plan(inputs, cfg, ctx)
+    return run_stage(p, lambda i: compute_part(p, i, ctx), ctx, refresh)

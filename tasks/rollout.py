@@ -1,0 +1,66 @@
+"""rollout: N images per valid prompt, sharded, deterministic.
+
+Sample i of a prompt uses seed = f(run seed, prompt id, i) and CFG scale linspace(cfg_min, cfg_max, N)[i]
+(UniCorn's sweep), so any shard can be recomputed alone and gives the same images.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from configs.schema import RolloutConfig
+from model.protocol import require_role
+from storage import DatasetRef, to_png
+from tasks.common import StageContext, StagePlan, make_plan, read, run_stage, stable_seed
+
+NAME = "rollouts"
+CODE_VERSION = "1"
+
+SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("seed", pa.int64()),
+                    ("cfg_scale", pa.float32()), ("temperature", pa.float32()), ("top_k", pa.int32()),
+                    ("image", pa.binary()), ("checkpoint_id", pa.string()), ("gen_ms", pa.float32())])
+
+
+def cfg_scales(cfg: RolloutConfig) -> list[float]:
+    return [round(float(x), 4) for x in np.linspace(cfg.cfg_min, cfg.cfg_max, cfg.samples_per_prompt)]
+
+
+def plan(inputs: dict[str, DatasetRef], cfg: RolloutConfig, ctx: StageContext) -> StagePlan:
+    prompts = read(inputs["prompts"], ["prompt_id", "prompt", "valid"]).to_pylist()
+    valid = [(r["prompt_id"], r["prompt"]) for r in prompts if r["valid"]]
+    if not valid:
+        raise ValueError(f"rollout: dataset {inputs['prompts'].name} has no valid prompts")
+    k = cfg.prompts_per_shard
+    shards = [valid[j:j + k] for j in range(0, len(valid), k)]
+    # the batch size changes speed, not images: it stays out of the fingerprint
+    return make_plan(NAME, inputs, cfg.model_dump(mode="json", exclude={"batch_size"}), ctx, CODE_VERSION,
+                     n_parts=len(shards), shards=shards, cfg=cfg)
+
+
+def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
+    cfg: RolloutConfig = p.extra["cfg"]
+    model = ctx.model
+    require_role(model, "generate")
+    scales = cfg_scales(cfg)
+    jobs = [(pid, text, s) for pid, text in p.shards[i] for s in range(cfg.samples_per_prompt)]
+    rows = []
+    for j in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[j:j + cfg.batch_size]
+        seeds = [stable_seed(ctx.run_seed, pid, s) for pid, _, s in batch]
+        t0 = time.perf_counter()
+        images = model.generate([t for _, t, _ in batch], seeds, [scales[s] for _, _, s in batch],
+                                temperature=cfg.temperature, top_k=cfg.top_k)
+        ms = 1000 * (time.perf_counter() - t0) / len(batch)
+        rows += [{"prompt_id": pid, "sample_idx": s, "seed": seed, "cfg_scale": scales[s],
+                  "temperature": cfg.temperature, "top_k": cfg.top_k, "image": to_png(img),
+                  "checkpoint_id": model.model_id, "gen_ms": ms}
+                 for (pid, _, s), seed, img in zip(batch, seeds, images)]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def run(inputs: dict[str, DatasetRef], cfg: RolloutConfig, ctx: StageContext, refresh: bool = False) -> DatasetRef:
+    p = plan(inputs, cfg, ctx)
+    return run_stage(p, lambda i: compute_part(p, i, ctx), ctx, refresh)
