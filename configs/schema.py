@@ -92,6 +92,51 @@ class SelectConfig(Strict):
     seeds_per_category: int = Field(64, ge=1, description="seed library size per category (newest kept)")
 
 
+class ReconstructConfig(Strict):
+    """Cognitive Pattern Reconstruction: the mixture of the four kinds, in proportions (UniCorn: 5:5:3:1)."""
+
+    mixture: dict[Literal["generation", "caption", "judgement", "reflection"], float] = Field(
+        default_factory=lambda: {"generation": 5, "caption": 5, "judgement": 3, "reflection": 1})
+    generation_min_score: float = Field(7.0, ge=0, le=10, description="best score a generation pair needs")
+    reflection_min_best: float = Field(8.0, ge=0, le=10, description="reflection groups: max score > this")
+    reflection_min_gap: float = Field(3.0, ge=0, le=10, description="reflection groups: max - min >= this")
+    heldout_share: float = Field(0.1, ge=0, lt=1, description="prompts kept out of training, for held-out loss")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("mixture")
+    @classmethod
+    def _mix(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(x < 0 for x in v.values()) or not v.get("generation", 0) > 0:
+            raise ValueError("mixture weights must be >= 0 and generation must be > 0")
+        return v
+
+
+class PosttrainConfig(Strict):
+    """DeepSpeed post-training; UniCorn's recipe shape (AdamW 0.9/0.95, wd 0, clip 1.0, EMA), scaled to the model."""
+
+    objective: Literal["sft", "dpo"] = "sft"
+    steps: int = Field(200, ge=1)
+    micro_batch: int = Field(32, ge=1, description="examples per rank per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = no EMA; UniCorn: 0.99")
+    export: Literal["ema", "raw"] = "raw"
+    checkpoint_every: int = Field(50, ge=1)
+    nproc: int = Field(1, ge=1, description="ranks (GPUs, or CPU processes with gloo)")
+    zero_stage: int = Field(2, ge=0, le=2)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    dpo_beta: float = Field(0.1, gt=0)
+    dpo_nll_weight: float = Field(1.0, ge=0)
+    seed: int = Field(0, ge=0)
+    timeout_s: int = Field(3600, ge=10)
+
+
 class StageCacheConfig(Strict):
     retries: int = Field(2, ge=0, le=10)
     retry_delay_s: float = Field(2.0, ge=0)
@@ -104,4 +149,18 @@ class CycleConfig(Strict):
     rollout: RolloutConfig = RolloutConfig()
     judge: JudgeConfig = JudgeConfig()
     select: SelectConfig = SelectConfig()
+    reconstruct: ReconstructConfig = ReconstructConfig()
+    posttrain: PosttrainConfig = PosttrainConfig()
     stages: StageCacheConfig = StageCacheConfig()
+
+    @model_validator(mode="after")
+    def _rubric(self) -> "CycleConfig":
+        # the rubric's shape belongs to the backend's world: check it now, not when the judge first runs
+        if self.model.backend == "embedded":
+            from model.world import Rubric
+
+            try:
+                Rubric.model_validate(self.judge.rubric)
+            except ValueError as exc:
+                raise ValueError(f"judge.rubric does not fit the embedded world's Rubric: {exc}") from None
+        return self

@@ -112,7 +112,21 @@ def bench_storage(rows: int = 20_000, parts: int = 20) -> None:
     typer.echo(json.dumps(run(rows=rows, parts=parts)))
 
 
+@bench_app.command("stages")
+def bench_stages(prompts: int = 300, samples: int = 8) -> None:
+    """propose, rollout, judge and select timed on the embedded model (prompts x samples images)."""
+    from flows.bench import bench_stages as run
+
+    typer.echo(json.dumps(run(prompts=prompts, samples=samples)))
+
+
 # --- the embedded world and model (model/world, model/embedded) register here ---
+from model.world.cli import app as world_app  # noqa: E402
+
+app.add_typer(world_app, name="world", help="The embedded model's synthetic world and its exact oracle.")
+from model.embedded.commands import register as _register_embedded  # noqa: E402
+
+_register_embedded(app, bench_app)
 # --- end of registrations ---
 
 if __name__ == "__main__":

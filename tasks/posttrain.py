@@ -1,0 +1,101 @@
+"""posttrain: DeepSpeed post-training on the CPR mixture (SFT) or on the DPO pairs, as a torchrun subprocess.
+
+The subprocess (tasks/posttrain_worker.py) can be killed and resumed; this stage only plans, launches, waits
+and registers the result in the checkpoint registry with its lineage (parent, data fingerprint, config).
+Its output is keyed by fingerprint like a dataset: `<store>/<run>/posttrain-<fp12>/final/` once finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from configs.schema import PosttrainConfig
+from storage import DatasetRef, Registry, Store, fingerprint
+from tasks.common import StageContext
+
+NAME = "posttrain"
+CODE_VERSION = "1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def out_dir(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext) -> Path:
+    store = Store(ctx.store)
+    if not store.is_local:
+        raise NotImplementedError("posttrain writes its checkpoints to a local or mounted store path")
+    # how many ranks train changes speed, not the model: it stays out of the fingerprint
+    fp = fingerprint(NAME, cfg.model_dump(mode="json", exclude={"nproc", "timeout_s", "checkpoint_every"}),
+                     inputs, ctx.model_id, CODE_VERSION)
+    return Path(store.path(ctx.run, f"{NAME}-{fp[:12]}"))
+
+
+def launch(job: dict, out: Path, nproc: int, timeout_s: int, log) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    job_path = out / "job.json"
+    job_path.write_text(json.dumps({**job, "out_dir": str(out)}, indent=1))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "tasks.posttrain_worker", str(job_path)]
+    log(f"[posttrain] {' '.join(cmd[2:])}")
+    with open(out / "worker.log", "ab") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise TimeoutError(f"posttrain: worker exceeded {timeout_s}s; it resumes from its last checkpoint "
+                               f"on the next run (log: {out / 'worker.log'})") from None
+    if rc != 0:
+        lines = (out / "worker.log").read_text(errors="replace").splitlines()
+        ranks = [ln for ln in lines if ln.startswith("[rank")]  # the worker's own traceback, not torchrun's
+        raise RuntimeError(f"posttrain: worker failed with exit code {rc} (log: {out / 'worker.log'}):\n"
+                           + "\n".join((ranks or lines)[-15:]))
+
+
+def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext, parent_dir: str | None,
+        registry_line: str = "default", refresh: bool = False) -> dict:
+    """Train (or reuse) the child of the context's model; returns its checkpoint id, directory and metrics."""
+    out = out_dir(inputs, cfg, ctx)
+    final = out / "final"
+    if refresh:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+    if not (final / "_metrics.json").exists():
+        if parent_dir is None:  # the shipped base checkpoint
+            from model.embedded.umm import BASE_DIR
+
+            parent_dir = str(BASE_DIR)
+        job = {"posttrain": cfg.model_dump(mode="json"), "parent_dir": str(parent_dir),
+               "cpr": inputs["cpr"].model_dump(), "dpo_pairs": inputs["dpo_pairs"].model_dump()}
+        launch(job, out, cfg.nproc, cfg.timeout_s, ctx.log)
+    else:
+        ctx.log(f"[posttrain] reused {out.name}")
+    metrics = json.loads((final / "_metrics.json").read_text())
+    reg = Registry(ctx.store, registry_line)
+    meta = reg.register(str(final), parent=ctx.model_id, cycle=ctx.cycle,
+                        data_fingerprint=inputs["cpr" if cfg.objective == "sft" else "dpo_pairs"].fingerprint,
+                        config=cfg.model_dump(mode="json"), metrics={"posttrain": metrics})
+    return {"checkpoint_id": meta.checkpoint_id, "dir": str(final), "metrics": metrics}

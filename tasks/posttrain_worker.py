@@ -1,0 +1,261 @@
+"""The DeepSpeed training process of `tasks/posttrain`, started by torchrun (one process per rank).
+
+It runs outside Prefect on purpose: a task timeout cannot interrupt CUDA or NCCL calls, a subprocess can be
+killed. Checkpoints are safetensors + JSON only (module weights, EMA, each rank's ZeRO partition of fp32
+master weights and Adam moments), so a killed run resumes from its last checkpoint without unpickling
+anything, and ends at the configured step count.
+
+    python -m torch.distributed.run --nproc_per_node N -m tasks.posttrain_worker JOB.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from configs.schema import PosttrainConfig
+from model.protocol import CPRExample
+from storage import DatasetRef, from_png
+from tasks.common import read, stable_seed
+
+PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16, for MFU
+
+
+def lr_at(step: int, cfg: PosttrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def load_examples(ref: dict, split: str) -> list[CPRExample]:
+    rows = read(DatasetRef.model_validate(ref)).to_pylist()
+    img = lambda b: from_png(b) if b is not None else None  # noqa: E731
+    return [CPRExample(kind=r["kind"], input_text=r["input_text"], target_text=r["target_text"],
+                       input_image=img(r["input_image"]), target_image=img(r["target_image"]),
+                       rejected_image=img(r["rejected_image"]), meta=json.loads(r["meta"] or "{}"))
+            for r in rows if r["split"] == split]
+
+
+class Objective(torch.nn.Module):
+    """What DeepSpeed trains: the backend's module, with the backend's loss for a batch of examples."""
+
+    def __init__(self, umm, cfg: PosttrainConfig, reference=None):
+        super().__init__()
+        self.net = umm.net
+        self.umm, self.cfg, self.reference = umm, cfg, reference
+
+    def forward(self, examples: list[CPRExample]) -> torch.Tensor:
+        if self.cfg.objective == "dpo":
+            return self.umm.dpo_loss(examples, self.reference, beta=self.cfg.dpo_beta,
+                                     nll_weight=self.cfg.dpo_nll_weight)
+        return self.umm.loss(examples)
+
+
+@torch.no_grad()
+def heldout_loss(umm, examples: list[CPRExample], batch: int = 64) -> dict[str, float]:
+    """Mean loss per kind on held-out examples (SFT losses, also for DPO runs: they measure the same model)."""
+    by_kind = defaultdict(list)
+    for e in examples:
+        by_kind[e.kind].append(e)
+    out = {}
+    umm.net.eval()
+    for kind, exs in sorted(by_kind.items()):
+        losses = [float(umm.loss(exs[i:i + batch])) * len(exs[i:i + batch]) for i in range(0, len(exs), batch)]
+        out[kind] = sum(losses) / len(exs)
+    umm.net.train()
+    return out
+
+
+# --- checkpoints: safetensors + JSON ------------------------------------------------------------------
+def _zero_state(engine) -> dict[str, torch.Tensor]:
+    zo = engine.optimizer
+    tensors = {f"fp32.{g}": t.detach().float().cpu().contiguous() for g, t in enumerate(zo.single_partition_of_fp32_groups)}
+    for idx, st in zo.optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"state.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    return tensors
+
+
+def _load_zero_state(engine, tensors: dict[str, torch.Tensor]) -> None:
+    zo = engine.optimizer
+    for g, t in enumerate(zo.single_partition_of_fp32_groups):
+        t.data.copy_(tensors[f"fp32.{g}"].to(t.device, t.dtype))
+    sd = zo.optimizer.state_dict()
+    state: dict[int, dict] = defaultdict(dict)
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, idx, k = key.split(".", 2)
+            state[int(idx)][k] = v
+    sd["state"] = dict(state)
+    zo.optimizer.load_state_dict(sd)
+
+
+def save_checkpoint(engine, ema, step: int, ckpt_root: Path, rank: int, world: int, extra: dict) -> None:
+    import torch.distributed as dist
+
+    d = ckpt_root / f"step-{step:06d}"
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(_zero_state(engine), str(d / f"optim-rank{rank}.safetensors"))
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.net.state_dict().items()},
+                  str(d / "model.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(d / "ema.safetensors"))
+    dist.barrier()
+    if rank == 0:  # state.json last: a checkpoint without it is incomplete and ignored
+        tmp = d / "state.json.tmp"
+        tmp.write_text(json.dumps({"step": step, "world_size": world, **extra}))
+        os.replace(tmp, d / "state.json")
+        for old in sorted(ckpt_root.glob("step-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def latest_checkpoint(ckpt_root: Path, world: int) -> tuple[Path, dict] | None:
+    for d in sorted(ckpt_root.glob("step-*"), reverse=True):
+        if (d / "state.json").exists():
+            state = json.loads((d / "state.json").read_text())
+            if state["world_size"] == world:
+                return d, state
+    return None
+
+
+def main(job_path: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    job = json.loads(Path(job_path).read_text())
+    cfg = PosttrainConfig.model_validate(job["posttrain"])
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    torch.manual_seed(cfg.seed)
+
+    from model.embedded.umm import EmbeddedUMM  # the trainable backend; the loader maps the others
+
+    umm = EmbeddedUMM.from_pretrained(job["parent_dir"], device=device)
+    reference = EmbeddedUMM.from_pretrained(job["parent_dir"], device=device) if cfg.objective == "dpo" else None
+    if reference is not None:
+        reference.net.requires_grad_(False).eval()
+        if bf16:
+            reference.net.to(torch.bfloat16)
+    source = job["dpo_pairs"] if cfg.objective == "dpo" else job["cpr"]
+    train = load_examples(source, "train")
+    heldout = load_examples(job["cpr"], "heldout")
+    if not train:
+        raise SystemExit(f"posttrain: no training examples in {DatasetRef.model_validate(source).name}")
+
+    model = Objective(umm, cfg, reference)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ds_config = {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
+                 "gradient_clipping": cfg.grad_clip, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+                 "zero_optimization": {"stage": cfg.zero_stage, "contiguous_gradients": True,
+                                       "overlap_comm": cuda, "reduce_bucket_size": 5e7},
+                 "bf16": {"enabled": bf16}}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    out = Path(job["out_dir"])
+    ckpt_root = out / "ckpt"
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = {k: v.detach().float().clone() for k, v in engine.module.net.state_dict().items()}
+    start, extra = 0, {}
+    found = latest_checkpoint(ckpt_root, world)
+    if found is not None:
+        d, extra = found
+        start = extra["step"]
+        engine.module.net.load_state_dict({k: v.to(device) for k, v in load_file(str(d / "model.safetensors")).items()})
+        _load_zero_state(engine, load_file(str(d / f"optim-rank{rank}.safetensors")))
+        if ema is not None:
+            ema = {k: v.to(device) for k, v in load_file(str(d / "ema.safetensors")).items()}
+        if rank == 0:
+            print(f"[posttrain] resumed from {d.name} (step {start} of {cfg.steps})", flush=True)
+    if "heldout_before" not in extra:
+        extra["heldout_before"] = heldout_loss(umm, heldout) if heldout else {}
+
+    log_path = out / "train_log.jsonl"
+    per_step = cfg.micro_batch * cfg.grad_accum * world
+    t0, examples_done = time.perf_counter(), 0
+    tokens_per_example = None
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr
+        rng = random.Random(stable_seed(cfg.seed, "batch", step))
+        batch = [train[rng.randrange(len(train))] for _ in range(per_step)]
+        losses = []
+        for m in range(cfg.grad_accum):
+            lo = (m * world + rank) * cfg.micro_batch
+            micro = batch[lo:lo + cfg.micro_batch]
+            loss = engine(micro)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        if tokens_per_example is None and hasattr(umm, "example_seqs"):
+            seqs = [umm.example_seqs(e)[1] for e in batch[: min(16, len(batch))]]
+            tokens_per_example = sum(len(s[0]) for ss in seqs for s in ss) / len(seqs)
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in engine.module.net.state_dict().items():
+                    ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+        examples_done += per_step
+        if rank == 0:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": step + 1, "loss": sum(losses) / len(losses), "lr": lr}) + "\n")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(engine, ema, step + 1, ckpt_root, rank, world, extra)
+    if cuda:
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+
+    final = out / "final"
+    if rank == 0:
+        weights = ema if (ema is not None and cfg.export == "ema") else None
+        if weights is not None:
+            umm.net.load_state_dict({k: v.to(next(umm.net.parameters()).dtype) for k, v in weights.items()})
+        umm.net.float()
+        umm.weights_changed()
+        after = heldout_loss(umm, heldout) if heldout else {}
+        tokens = (tokens_per_example or 0) * examples_done
+        n_params = sum(p.numel() for p in umm.net.parameters())
+        metrics = {"steps": cfg.steps, "resumed_from": start, "world_size": world, "device": device,
+                   "precision": "bf16" if bf16 else "fp32", "train_s": round(train_s, 3),
+                   "examples_per_s": round(examples_done / train_s, 2) if train_s > 0 else None,
+                   "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
+                   "params": n_params, "heldout_before": extra["heldout_before"], "heldout_after": after,
+                   "objective": cfg.objective, "train_examples": len(train)}
+        if cuda and train_s > 0:
+            metrics["mfu"] = round(6 * n_params * tokens / train_s / (PEAK_BF16_FLOPS * world), 5)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp = out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        umm.save_pretrained(tmp)
+        (tmp / "_metrics.json").write_text(json.dumps(metrics, indent=1))
+        os.replace(tmp, final)  # the finished model appears at once or not at all
+        print(json.dumps({"posttrain": metrics}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,131 @@
+"""reconstruct: Cognitive Pattern Reconstruction of the selected rollouts into four kinds of supervision.
+
+    generation   prompt -> the best image                      (accepted prompts)
+    caption      best image + an instruction -> its prompt      (several instruction templates)
+    judgement    image + prompt -> the model's own reasoning and score, across the whole score range
+    reflection   prompt + worst image -> best image             (groups with max > 8 and max - min >= 3)
+
+Counts follow the configured proportions (UniCorn 5:5:3:1) relative to the generation examples available.
+A `dpo_pairs` dataset (chosen = best, rejected = worst of each accepted prompt) serves the DPO objective.
+A share of prompts is held out (`split` = 'heldout') so post-training can report held-out loss per kind.
+Every example keeps its lineage: prompt_id and the sample ids it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+
+import pyarrow as pa
+
+from configs.schema import ReconstructConfig
+from storage import DatasetRef
+from tasks.common import StageContext, make_plan, prompt_id, read, run_stage, stable_seed
+
+NAME = "cpr"
+CODE_VERSION = "1"
+DEFAULT_CAPTION_TEMPLATES = ("which prompt made this image", "what prompt drew this picture",
+                             "write the prompt of this image")
+
+SCHEMA = pa.schema([("example_id", pa.string()), ("kind", pa.string()), ("split", pa.string()),
+                    ("prompt_id", pa.string()), ("sample_ids", pa.list_(pa.int32())), ("input_text", pa.string()),
+                    ("input_image", pa.binary()), ("target_text", pa.string()), ("target_image", pa.binary()),
+                    ("rejected_image", pa.binary()), ("meta", pa.string())])
+
+
+def _split(pid: str, cfg: ReconstructConfig) -> str:
+    return "heldout" if stable_seed(cfg.seed, "split", pid) % 10_000 < cfg.heldout_share * 10_000 else "train"
+
+
+def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, caption_templates) -> dict[str, list]:
+    prompts = {r["prompt_id"]: r for r in read(inputs["prompts"], ["prompt_id", "prompt", "category"]).to_pylist()}
+    sel = {r["prompt_id"]: r for r in read(inputs["selections"]).to_pylist()}
+    judged = read(inputs["judgements"], ["prompt_id", "sample_idx", "score", "reasoning", "parse_ok"]).to_pylist()
+    images = {(r["prompt_id"], r["sample_idx"]): r["image"]
+              for r in read(inputs["rollouts"], ["prompt_id", "sample_idx", "image"]).to_pylist()}
+    rng = random.Random(stable_seed(cfg.seed, "reconstruct"))
+
+    def ex(kind, pid, samples, input_text=None, input_image=None, target_text=None, target_image=None,
+           rejected_image=None, **meta):
+        key = f"{kind}:{pid}:{samples}:{input_text}"
+        return {"example_id": prompt_id(key), "kind": kind, "split": _split(pid, cfg), "prompt_id": pid,
+                "sample_ids": list(samples), "input_text": input_text, "input_image": input_image,
+                "target_text": target_text, "target_image": target_image, "rejected_image": rejected_image,
+                "meta": json.dumps({"prompt": prompts[pid]["prompt"], "category": prompts[pid]["category"], **meta})}
+
+    winners = sorted(pid for pid, s in sel.items()
+                     if s["accepted"] and s["max_score"] >= cfg.generation_min_score)
+    gen = [ex("generation", pid, [sel[pid]["best_sample_idx"]], input_text=prompts[pid]["prompt"],
+              target_image=images[(pid, sel[pid]["best_sample_idx"])], score=sel[pid]["max_score"])
+           for pid in winners]
+    unit = len(gen) / cfg.mixture["generation"]
+    want = {k: round(unit * w) for k, w in cfg.mixture.items()}
+
+    # caption: each winner's image under rotating instruction templates, as many passes as the share asks
+    cap = []
+    for j in range(want.get("caption", 0)):
+        pid = winners[j % len(winners)]
+        t = caption_templates[(j // len(winners) + stable_seed(pid)) % len(caption_templates)]
+        cap.append(ex("caption", pid, [sel[pid]["best_sample_idx"]], input_text=t,
+                      input_image=images[(pid, sel[pid]["best_sample_idx"])], target_text=prompts[pid]["prompt"]))
+    cap = list({e["example_id"]: e for e in cap}.values())
+
+    # judgement: stratified over score bins so low, middle and high scores are all represented
+    bins = defaultdict(list)
+    for r in judged:
+        if r["parse_ok"] and r["prompt_id"] in prompts:
+            bins[min(r["score"] // 3, 3)].append(r)
+    for b in bins.values():
+        rng.shuffle(b)
+    jud, order = [], sorted(bins)
+    while len(jud) < want.get("judgement", 0) and any(bins[b] for b in order):
+        for b in order:
+            if bins[b] and len(jud) < want["judgement"]:
+                r = bins[b].pop()
+                jud.append(ex("judgement", r["prompt_id"], [r["sample_idx"]], input_text=prompts[r["prompt_id"]]["prompt"],
+                              input_image=images[(r["prompt_id"], r["sample_idx"])], target_text=r["reasoning"],
+                              score=r["score"]))
+
+    # reflection: from a clearly flawed sample to a clearly good one of the same prompt
+    groups = sorted(pid for pid, s in sel.items() if s["max_score"] is not None
+                    and s["max_score"] > cfg.reflection_min_best
+                    and s["max_score"] - s["min_score"] >= cfg.reflection_min_gap)
+    rng.shuffle(groups)
+    ref = [ex("reflection", pid, [sel[pid]["worst_sample_idx"], sel[pid]["best_sample_idx"]],
+              input_text=prompts[pid]["prompt"], input_image=images[(pid, sel[pid]["worst_sample_idx"])],
+              target_image=images[(pid, sel[pid]["best_sample_idx"])],
+              score_from=sel[pid]["min_score"], score_to=sel[pid]["max_score"])
+           for pid in groups[: want.get("reflection", 0)]]
+
+    dpo = [ex("preference", pid, [sel[pid]["best_sample_idx"], sel[pid]["worst_sample_idx"]],
+              input_text=prompts[pid]["prompt"], target_image=images[(pid, sel[pid]["best_sample_idx"])],
+              rejected_image=images[(pid, sel[pid]["worst_sample_idx"])],
+              chosen_score=sel[pid]["max_score"], rejected_score=sel[pid]["min_score"])
+           for pid in winners if sel[pid]["max_score"] > sel[pid]["min_score"]]
+    return {"cpr": gen + cap + jud + ref, "dpo_pairs": dpo}
+
+
+def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext,
+        refresh: bool = False) -> dict[str, DatasetRef]:
+    templates = tuple(getattr(ctx.model, "caption_templates", DEFAULT_CAPTION_TEMPLATES))
+    cache: dict[str, list] = {}
+
+    def table(name):
+        def make(_: int) -> pa.Table:
+            if not cache:
+                cache.update(build_examples(inputs, cfg, templates))
+            return pa.Table.from_pylist(cache[name], schema=SCHEMA)
+        return make
+
+    refs = {}
+    for name in ("cpr", "dpo_pairs"):
+        # the templates are the model's: they enter the fingerprint with the config
+        p = make_plan(NAME, inputs, {**cfg.model_dump(mode="json"), "caption_templates": list(templates)}, ctx,
+                      CODE_VERSION, n_parts=1, uses_model=False, dataset=name)
+        refs[name] = run_stage(p, table(name), ctx, refresh)
+    counts = defaultdict(int)
+    for k in read(refs["cpr"], ["kind"]).column("kind").to_pylist():
+        counts[k] += 1
+    ctx.log(f"[reconstruct] {dict(counts)} + {read(refs['dpo_pairs'], ['kind']).num_rows} DPO pairs")
+    return refs
