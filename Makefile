@@ -38,8 +38,7 @@ bench: install
 	$(VENV)/bin/selfplay bench storage | tee runs/bench/storage.json
 
 ui: install
-	$(VENV)/bin/prefect config set PREFECT_SERVER_API_HOST=127.0.0.1 >/dev/null
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	$(PY) -m flows.ui
 
 clean:
 	rm -rf runs .prefect .pytest_cache

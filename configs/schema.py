@@ -137,6 +137,28 @@ class PosttrainConfig(Strict):
     timeout_s: int = Field(3600, ge=10)
 
 
+class BenchmarkConfig(Strict):
+    """The held-out suite: prompts per category x samples, fixed seeds (paired parent/child comparison)."""
+
+    prompts_per_category: int = Field(100, ge=1)
+    samples: int = Field(8, ge=1, le=64)
+    cfg_scale: float = Field(3.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    threshold: float = Field(7.0, ge=0, le=10)
+    suite_seed: int = Field(7_000_001, ge=0)
+    bootstrap: int = Field(1000, ge=100)
+
+
+class GateConfig(Strict):
+    """Promotion: the child replaces the parent only if generation improves and understanding holds."""
+
+    metric: str = "gen_acc_oracle"
+    min_gain: float = Field(0.0, description="child - parent must exceed this")
+    require_significant: bool = Field(False, description="also require the paired 95 % interval above 0")
+    understanding_metric: str = "und_acc_gt"
+    max_understanding_drop: float = Field(0.01, ge=0)
+
+
 class StageCacheConfig(Strict):
     retries: int = Field(2, ge=0, le=10)
     retry_delay_s: float = Field(2.0, ge=0)
@@ -151,6 +173,8 @@ class CycleConfig(Strict):
     select: SelectConfig = SelectConfig()
     reconstruct: ReconstructConfig = ReconstructConfig()
     posttrain: PosttrainConfig = PosttrainConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    gate: GateConfig = GateConfig()
     stages: StageCacheConfig = StageCacheConfig()
 
     @model_validator(mode="after")

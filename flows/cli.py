@@ -74,6 +74,53 @@ def checkpoints_promote(checkpoint_id: str, store: str = "./runs", line: str = "
     typer.echo(f"promoted {checkpoint_id}")
 
 
+def _print_cycle(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.report import comparison_rows
+
+    table = Table(title=f"run {summary['run']} cycle {summary['cycle']}: parent vs child (held-out suite)")
+    for col in ("metric", "parent", "child", "delta"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in comparison_rows(summary["parent"], summary["child"]):
+        table.add_row(r["metric"], fmt(r["parent"]), fmt(r["child"]), fmt(r["delta"]))
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(summary["reason"])
+    console.print(f"report: {summary['report']}")
+
+
+@app.command("run")
+def run(config: ConfigPath, overrides: Overrides = None) -> None:
+    """One full self-play cycle: propose -> rollout -> judge -> select -> reconstruct -> posttrain -> benchmark -> gate."""
+    cfg = load_cycle_config(config, overrides)
+    from flows.cycle import cycle_flow
+
+    summary = cycle_flow(cfg)
+    _print_cycle(summary)
+    keep = ("gen_acc_oracle", "und_acc_gt", "non_unification", "unicycle_soft", "unicycle_hard",
+            "judge_oracle_agreement", "best_of_n_self", "checkpoint_id")
+    typer.echo(json.dumps({"parent": {k: summary["parent"].get(k) for k in keep},
+                           "child": {k: summary["child"].get(k) for k in keep},
+                           "promoted": summary["promoted"], "run": summary["run"]}))
+
+
+@app.command("nightly")
+def nightly(config: ConfigPath, overrides: Overrides = None,
+            cycles: Annotated[int, typer.Option(min=1, help="cycles to run")] = 3) -> None:
+    """N cycles, each from the promoted checkpoint and the previous discard pool (JSON per cycle)."""
+    cfg = load_cycle_config(config, overrides)
+    from flows.cycle import nightly_flow
+
+    results = nightly_flow(cfg, cycles)
+    for summary in results:
+        _print_cycle(summary)
+    typer.echo(json.dumps([{"cycle": s["cycle"], "promoted": s["promoted"], "parent": s["parent"],
+                            "child": s["child"]} for s in results]))
+
+
 @app.command("generate")
 def generate(config: ConfigPath, overrides: Overrides = None,
              refresh: Annotated[Optional[list[str]], typer.Option(help="stage to recompute (repeatable)")] = None

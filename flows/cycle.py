@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -18,10 +19,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.schema import CycleConfig
 from flows.stages import run_sharded, stats
-from model.loader import load_model
-from storage import DatasetRef, Store
-from tasks import judge, propose, rollout, select
-from tasks.common import StageContext
+from model.embedded.umm import BASE_DIR
+from model.loader import load_model, resolve_checkpoint_dir
+from storage import DatasetRef, Registry, Store
+from tasks import benchmark, judge, posttrain, propose, reconstruct, report, rollout, select
+from tasks.common import StageContext, read
+from tasks.report import headline_of
 
 SHARDED = {"prompts": propose, "rollouts": rollout, "judgements": judge}
 STAGE_INPUTS = {"propose": [], "rollout": ["prompts"], "judge": ["prompts", "rollouts"],
@@ -68,8 +71,15 @@ def run_stage(name: str, inputs: dict[str, DatasetRef], cfg: CycleConfig, ctx: S
     if name == "select":
         return select_task(inputs, cfg, ctx, refresh)
     module = SHARDED[STAGE_OUTPUT[name]]
-    plan = module.plan(inputs, getattr(cfg, name), ctx)
+    if name == "propose":  # the held-out benchmark suite is never proposed
+        plan = module.plan(inputs, cfg.propose, ctx, held_out(cfg))
+    else:
+        plan = module.plan(inputs, getattr(cfg, name), ctx)
     return {STAGE_OUTPUT[name]: run_sharded(module, plan, ctx, refresh)}
+
+
+def held_out(cfg: CycleConfig) -> frozenset[str]:
+    return frozenset(benchmark.suite_canonical(cfg.benchmark)) if cfg.model.backend == "embedded" else frozenset()
 
 
 def _previous(cfg: CycleConfig, prev: dict[str, Any] | None) -> dict[str, DatasetRef]:
@@ -130,3 +140,100 @@ def config_for_run(store: str, run: str, overrides: list[str]) -> CycleConfig:
         raise FileNotFoundError(f"no run {run!r} in store {os.path.abspath(store) if '://' not in store else store}")
     data = apply_overrides(state["config"], overrides, f"run {run}")
     return validate(CycleConfig, data, f"run {run} (recorded config)")
+
+
+# --- the full cycle ------------------------------------------------------------------------------------
+@task(name="reconstruct", cache_policy=NO_CACHE)
+def reconstruct_task(inputs: dict[str, DatasetRef], cfg: CycleConfig, ctx: StageContext) -> dict[str, DatasetRef]:
+    return reconstruct.run(inputs, cfg.reconstruct, ctx)
+
+
+@task(name="posttrain", cache_policy=NO_CACHE)
+def posttrain_task(inputs: dict[str, DatasetRef], cfg: CycleConfig, ctx: StageContext) -> dict:
+    parent_dir = resolve_checkpoint_dir(cfg.model, cfg.run.store)
+    return posttrain.run(inputs, cfg.posttrain, ctx, parent_dir, cfg.model.registry_line)
+
+
+@task(name="benchmark", cache_policy=NO_CACHE, task_run_name="benchmark {which}")
+def benchmark_task(which: str, cfg: CycleConfig, ctx: StageContext) -> dict[str, DatasetRef]:
+    return benchmark.run(cfg.benchmark, ctx)
+
+
+def _child_context(cfg: CycleConfig, parent: StageContext, child_dir: str) -> tuple[CycleConfig, StageContext]:
+    child_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": child_dir})})
+    return child_cfg, make_context(child_cfg)
+
+
+def _publish(run: str, cycle: int, rows: list[dict], md: str) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = f"{run}-cycle-{cycle}".lower().replace("_", "-").replace(".", "-")
+    create_markdown_artifact(md, key=f"{key}-report", description="self-play cycle report")
+    create_table_artifact(rows, key=f"{key}-metrics", description="parent vs child on the held-out suite")
+
+
+@flow(name="selfplay-cycle", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def cycle_flow(config: CycleConfig, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One full cycle: propose -> rollout -> judge -> select -> reconstruct -> posttrain -> benchmark -> gate."""
+    cfg = config
+    ctx = make_context(cfg)
+    reg = Registry(cfg.run.store, cfg.model.registry_line)
+    parent_dir = resolve_checkpoint_dir(cfg.model, cfg.run.store)
+    parent_meta = reg.register(parent_dir or str(BASE_DIR), cycle=cfg.run.cycle)  # known to the registry
+    if reg.promoted() is None:
+        reg.promote(parent_meta.checkpoint_id)
+
+    gen = generate_flow(cfg, previous)
+    refs = {k: DatasetRef.model_validate(v) for k, v in load_run_state(cfg.run.store, cfg.run.name)["refs"].items()}
+    cpr = reconstruct_task({k: refs[k] for k in ("prompts", "rollouts", "judgements", "selections")}, cfg, ctx)
+    refs.update(cpr)
+    save_run_state(cfg, cpr)
+    trained = posttrain_task(cpr, cfg, ctx)
+
+    parent_bench = benchmark_task("parent", cfg, ctx)
+    child_cfg, child_ctx = _child_context(cfg, ctx, trained["dir"])
+    child_bench = benchmark_task("child", child_cfg, child_ctx)
+    parent_items = read(parent_bench["benchmark_items"]).to_pylist()
+    child_items = read(child_bench["benchmark_items"]).to_pylist()
+    parent_m, child_m = headline_of(parent_bench["benchmark"]), headline_of(child_bench["benchmark"])
+    promoted, why, deltas = report.gate(parent_items, child_items, parent_m, child_m, cfg.gate, cfg.benchmark)
+    reg.update_metrics(trained["checkpoint_id"], {"benchmark": child_m, "gate": why})
+    reg.update_metrics(parent_meta.checkpoint_id, {"benchmark": parent_m})
+    if promoted:
+        reg.promote(trained["checkpoint_id"])
+
+    # the report, beside the datasets
+    out = Path(Store(cfg.run.store).path(cfg.run.name, f"report-cycle{cfg.run.cycle}"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = report.comparison_rows(parent_m, child_m)
+    history = [{"cycle": m.cycle, **m.metrics.get("benchmark", {})} for m in reg.lineage(trained["checkpoint_id"])][::-1]
+    report.plot_categories(parent_bench["benchmark"], child_bench["benchmark"], out / "per_category.png")
+    report.plot_history(history, out / "history.png")
+    report.image_grid(refs, out / "best_worst.png")
+    md = report.markdown(cfg.run.name, cfg.run.cycle, rows, why, deltas,
+                         {"per-category generation accuracy": "per_category.png", "metrics across cycles":
+                          "history.png", "best and worst of N (own judge)": "best_worst.png"}, flags=[])
+    (out / "report.md").write_text(md)
+    _publish(cfg.run.name, cfg.run.cycle, rows, md)
+    summary = {"parent": {"checkpoint_id": ctx.model_id, **parent_m},
+               "child": {"checkpoint_id": trained["checkpoint_id"], **child_m},
+               "promoted": promoted, "reason": why, "run": cfg.run.name, "cycle": cfg.run.cycle,
+               "delta_gen_acc_oracle": deltas["gen"], "report": str(out / "report.md"),
+               "posttrain": {k: trained["metrics"].get(k) for k in ("train_s", "tokens_per_s", "heldout_before",
+                                                                    "heldout_after", "world_size")},
+               "generation": {k: gen[k] for k in ("propose", "judge")}}
+    save_run_state(cfg, {}, {f"cycle{cfg.run.cycle}": summary})
+    return summary
+
+
+@flow(name="selfplay-nightly", log_prints=True)
+def nightly_flow(config: CycleConfig, cycles: int = 3) -> list[dict[str, Any]]:
+    """N cycles, each from the promoted checkpoint and the previous cycle's discard pool and seed library."""
+    results, previous = [], None
+    for c in range(cycles):
+        run = config.run.model_copy(update={"cycle": config.run.cycle + c})
+        model = config.model if c == 0 else config.model.model_copy(update={"checkpoint": "promoted"})
+        cfg = config.model_copy(update={"run": run, "model": model})
+        results.append(cycle_flow(cfg, previous))
+        previous = {"refs": load_run_state(cfg.run.store, cfg.run.name)["refs"]}
+    return results

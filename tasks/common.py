@@ -64,12 +64,16 @@ def config_dict(cfg: Any) -> Any:
 
 def make_plan(stage: str, inputs: Mapping[str, DatasetRef], config: Any, ctx: StageContext, code_version: str,
               n_parts: int, shards: list[Any] | None = None, uses_model: bool = True,
-              dataset: str | None = None, **extra: Any) -> StagePlan:
-    """Fingerprint the stage and fix its output ref. `dataset` names a second output of the same stage."""
+              dataset: str | None = None, shared_run: str | None = None, **extra: Any) -> StagePlan:
+    """Fingerprint the stage and fix its output ref. `dataset` names a second output of the same stage.
+
+    A `shared_run` dataset does not depend on the run (its seed or cycle): it lives under that run name so
+    every run that meets the same inputs reuses it (benchmarks of a checkpoint, say).
+    """
     model_id = ctx.model_id if uses_model else None
-    fp = fingerprint(stage, {"config": config_dict(config), "run_seed": ctx.run_seed, "cycle": ctx.cycle},
-                     inputs, model_id, code_version)
-    ref = DatasetRef(store=ctx.store, run=ctx.run, stage=dataset or stage, fingerprint=fp)
+    scope = {} if shared_run else {"run_seed": ctx.run_seed, "cycle": ctx.cycle}
+    fp = fingerprint(stage, {"config": config_dict(config), **scope}, inputs, model_id, code_version)
+    ref = DatasetRef(store=ctx.store, run=shared_run or ctx.run, stage=dataset or stage, fingerprint=fp)
     return StagePlan(ref=ref, n_parts=n_parts, inputs=dict(inputs), config=config_dict(config),
                      code_version=code_version, model_id=model_id, shards=shards or [], extra=extra)
 

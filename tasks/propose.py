@@ -8,6 +8,7 @@ near duplicates (same canonical form) are removed; invalid proposals are kept wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -50,11 +51,15 @@ def _canonical(model, text: str) -> tuple[str | None, str | None, str | None]:
     return norm, None, None
 
 
-def plan(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext) -> StagePlan:
+def plan(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext,
+         exclude: frozenset[str] = frozenset()) -> StagePlan:
+    """`exclude`: canonical prompts that must never be proposed (the held-out benchmark suite)."""
     seeds = load_seed_file(resolve_path(cfg.seed_file))
-    # the seeds' content, not their file name, is part of the fingerprint
-    return make_plan(NAME, inputs, {**cfg.model_dump(mode="json", exclude={"seed_file"}), "seeds": seeds}, ctx,
-                     CODE_VERSION, n_parts=1, seeds=seeds, cfg=cfg)
+    # the seeds' content, not their file name, is part of the fingerprint; so is the excluded set
+    held_out = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()
+    return make_plan(NAME, inputs, {**cfg.model_dump(mode="json", exclude={"seed_file"}), "seeds": seeds,
+                                    "exclude": held_out}, ctx, CODE_VERSION, n_parts=1, seeds=seeds, cfg=cfg,
+                     exclude=exclude)
 
 
 def _library(p: StagePlan) -> dict[str, list[tuple[str, str]]]:
@@ -82,6 +87,8 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
 
     def add(text, category, source, seed_ids):
         canon, cat, reason = _canonical(model, text)
+        if reason is None and canon in p.extra["exclude"]:
+            reason = "held out for the benchmark suite"
         if reason is None and canon in seen:
             stats["duplicates_removed"] += 1
             return False
@@ -127,6 +134,7 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     return table.replace_schema_metadata({"stats": json.dumps(dict(stats))})
 
 
-def run(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext, refresh: bool = False) -> DatasetRef:
-    p = plan(inputs, cfg, ctx)
+def run(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext, refresh: bool = False,
+        exclude: frozenset[str] = frozenset()) -> DatasetRef:
+    p = plan(inputs, cfg, ctx, exclude)
     return run_stage(p, lambda i: compute_part(p, i, ctx), ctx, refresh)

@@ -1,0 +1,34 @@
+"""Serve the deployments of prefect.yaml from this process: `python -m flows.deployments` (used by `make ui`).
+
+Each deployment's `config` parameter starts as its recipe (`config_file`), validated by the typed CycleConfig:
+the Prefect UI renders it as a form, and a run started there is checked before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from prefect import serve
+from prefect.flows import load_flow_from_entrypoint
+from prefect.schedules import Cron
+
+from configs.loader import load_config
+from configs.schema import PROJECT_ROOT, CycleConfig
+
+
+def deployments(path: Path = PROJECT_ROOT / "prefect.yaml") -> list:
+    spec = yaml.safe_load(path.read_text())
+    out = []
+    for d in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(PROJECT_ROOT / d["entrypoint"]))
+        params = dict(d.get("parameters") or {})
+        params["config"] = load_config(PROJECT_ROOT / d["config_file"], CycleConfig).model_dump(mode="json")
+        schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in d.get("schedules") or []]
+        out.append(flow.to_deployment(name=d["name"], description=d.get("description"), parameters=params,
+                                      schedules=schedules or None))
+    return out
+
+
+if __name__ == "__main__":
+    serve(*deployments())

@@ -1,0 +1,112 @@
+"""The learning side on the embedded model: CPR reconstruction from self-generated data, DeepSpeed SFT/DPO,
+held-out loss per kind, and resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from configs.schema import CycleConfig, PosttrainConfig
+from flows.cycle import make_context
+from storage import Dataset, Registry
+from tasks import judge, posttrain, propose, reconstruct, rollout, select
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    store = tmp_path_factory.mktemp("learn")
+    cfg = CycleConfig.model_validate({"run": {"name": "learn", "store": str(store)}, "model": {"device": "cpu"},
+                                      "propose": {"num_prompts": 96}, "rollout": {"prompts_per_shard": 48},
+                                      "reconstruct": {"heldout_share": 0.25}})
+    ctx = make_context(cfg)
+    ctx.log = lambda _: None
+    refs = {"prompts": propose.run({}, cfg.propose, ctx)}
+    refs["rollouts"] = rollout.run({"prompts": refs["prompts"]}, cfg.rollout, ctx)
+    refs["judgements"] = judge.run({k: refs[k] for k in ("prompts", "rollouts")}, cfg.judge, ctx)
+    refs.update(select.run({k: refs[k] for k in ("prompts", "judgements")}, cfg.select, ctx))
+    refs.update(reconstruct.run({k: refs[k] for k in ("prompts", "rollouts", "judgements", "selections")},
+                                cfg.reconstruct, ctx))
+    return store, cfg, ctx, refs
+
+
+def test_cpr_kinds_mixture_and_lineage(generated):
+    _, cfg, _, refs = generated
+    rows = Dataset(refs["cpr"]).read().to_pylist()
+    sel = {r["prompt_id"]: r for r in Dataset(refs["selections"]).read().to_pylist()}
+    kinds = {k: [r for r in rows if r["kind"] == k] for k in ("generation", "caption", "judgement", "reflection")}
+    n_gen = len(kinds["generation"])
+    assert n_gen == sum(s["accepted"] for s in sel.values()) > 0
+    assert len(kinds["caption"]) == n_gen  # 5 : 5
+    assert len(kinds["judgement"]) == round(n_gen * 3 / 5)
+    for g in kinds["generation"]:  # lineage: the best sample of an accepted prompt
+        assert sel[g["prompt_id"]]["accepted"] and g["sample_ids"] == [sel[g["prompt_id"]]["best_sample_idx"]]
+    for r in kinds["reflection"]:
+        s = sel[r["prompt_id"]]
+        assert s["max_score"] > 8 and s["max_score"] - s["min_score"] >= 3
+        assert r["sample_ids"] == [s["worst_sample_idx"], s["best_sample_idx"]]
+    scores = {json.loads(r["meta"])["score"] for r in kinds["judgement"]}
+    assert min(scores) < 7 <= max(scores), "judgement examples must span the score range, not only winners"
+    assert len({c["input_text"] for c in kinds["caption"]}) >= 2  # several instruction templates
+    assert {r["split"] for r in rows} == {"train", "heldout"}
+
+
+def _posttrain_cfg(**kw):
+    return PosttrainConfig.model_validate({"steps": 40, "micro_batch": 16, "lr": 3e-4, "warmup_steps": 5,
+                                          "checkpoint_every": 10, **kw})
+
+
+def test_sft_lowers_heldout_loss_on_every_kind_and_registers_lineage(generated):
+    store, cfg, ctx, refs = generated
+    out = posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, _posttrain_cfg(), ctx, None)
+    m = out["metrics"]
+    assert set(m["heldout_before"]) == {"generation", "caption", "judgement", "reflection"}
+    for kind, before in m["heldout_before"].items():
+        assert m["heldout_after"][kind] < before, kind
+    meta = Registry(str(store)).require(out["checkpoint_id"])
+    assert meta.parent == ctx.model_id and meta.data_fingerprint == refs["cpr"].fingerprint
+    assert meta.config["steps"] == 40
+
+
+def test_dpo_objective_trains_and_differs_from_sft(generated):
+    store, cfg, ctx, refs = generated
+    out = posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, _posttrain_cfg(objective="dpo", steps=10), ctx,
+                        None)
+    assert out["metrics"]["objective"] == "dpo" and out["metrics"]["steps"] == 10
+    assert out["checkpoint_id"] != ctx.model_id
+
+
+def test_killed_posttrain_resumes_from_last_checkpoint(generated, tmp_path):
+    store, cfg, ctx, refs = generated
+    pcfg = _posttrain_cfg(steps=60, seed=1)
+    script = (
+        "import json,sys; from storage import DatasetRef; from configs.schema import PosttrainConfig;"
+        "from tasks.common import StageContext; from tasks import posttrain;"
+        "a=json.loads(sys.argv[1]); ctx=StageContext(store=a['store'], run='learn', model_id=a['model_id']);"
+        "out=posttrain.run({k: DatasetRef.model_validate(v) for k, v in a['refs'].items()},"
+        " PosttrainConfig.model_validate(a['cfg']), ctx, None); print(json.dumps(out['metrics']))")
+    arg = json.dumps({"store": str(store), "model_id": ctx.model_id, "cfg": pcfg.model_dump(mode="json"),
+                      "refs": {k: refs[k].model_dump() for k in ("cpr", "dpo_pairs")}})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out_dir = posttrain.out_dir({k: refs[k] for k in ("cpr", "dpo_pairs")}, pcfg, ctx)
+    proc = subprocess.Popen([sys.executable, "-c", script, arg], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list(out_dir.glob("ckpt/step-*/state.json")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert not (out_dir / "final").exists(), "the run finished before it could be killed"
+    done = subprocess.run([sys.executable, "-c", script, arg], env=env, capture_output=True, text=True, check=True)
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+    assert metrics["resumed_from"] > 0 and metrics["steps"] == 60
+    logged = [json.loads(x)["step"] for x in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    assert logged[-1] == 60 and set(range(1, 61)) <= set(logged)
