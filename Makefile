@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test bench ui clean
+.PHONY: install run test bench ui ui-check clean
 
 $(PY):
 	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -28,17 +28,25 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/selfplay world check
+	$(VENV)/bin/selfplay run configs/cycle/tiny.yaml
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
 	@mkdir -p runs/bench
-	$(VENV)/bin/selfplay bench storage | tee runs/bench/storage.json
+	$(VENV)/bin/selfplay bench storage | tail -n 1 | tee runs/bench/storage.json
+	$(VENV)/bin/selfplay bench rollout | tail -n 1 | tee runs/bench/rollout.json
+	$(VENV)/bin/selfplay bench stages | tail -n 1 | tee runs/bench/stages.json
 
 ui: install
 	$(PY) -m flows.ui
+
+# Drives the Prefect UI in headless Chromium (Debian's chromium + Playwright without a browser download).
+ui-check: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(PIP) install -q "playwright==1.65.2"
+	$(PY) scripts/ui_check.py
 
 clean:
 	rm -rf runs .prefect .pytest_cache

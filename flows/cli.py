@@ -125,6 +125,20 @@ def nightly(config: ConfigPath, overrides: Overrides = None,
                             "child": s["child"]} for s in results]))
 
 
+ablate_app = typer.Typer(help="Ablations on the embedded model.", no_args_is_help=True)
+app.add_typer(ablate_app, name="ablate")
+
+
+@ablate_app.command("cpr")
+def ablate_cpr(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Path("configs/cycle/tiny.yaml"),
+               overrides: Overrides = None) -> None:
+    """Generation-only SFT vs the CPR mixture vs DPO on the same self-generated data (JSON last line)."""
+    cfg = load_cycle_config(config, overrides)
+    from flows.ablate import ablate_cpr_flow
+
+    typer.echo(json.dumps(ablate_cpr_flow(cfg)))
+
+
 @app.command("generate")
 def generate(config: ConfigPath, overrides: Overrides = None,
              refresh: Annotated[Optional[list[str]], typer.Option(help="stage to recompute (repeatable)")] = None

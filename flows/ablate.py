@@ -1,0 +1,55 @@
+"""`selfplay ablate cpr`: generation-only SFT vs the full CPR mixture vs DPO, on the same self-generated data.
+
+One generation side (propose -> rollout -> judge -> select) from the parent, then three children trained on it,
+each benchmarked on the held-out suite beside the parent. UniCorn's ablation predicts that generation-only SFT
+erodes understanding and that the CPR mixture holds it while generation improves; this measures it here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from configs.schema import CycleConfig
+from flows.cycle import _child_context, benchmark_task, generate_flow, load_run_state, make_context
+from model.loader import resolve_checkpoint_dir
+from storage import DatasetRef
+from tasks import posttrain, reconstruct
+from tasks.report import headline_of
+
+ARMS = {
+    "gen_only": {"reconstruct": {"mixture": {"generation": 1, "caption": 0, "judgement": 0, "reflection": 0}},
+                 "posttrain": {"objective": "sft"}},
+    "cpr": {"reconstruct": {}, "posttrain": {"objective": "sft"}},
+    "dpo": {"reconstruct": {}, "posttrain": {"objective": "dpo"}},
+}
+KEEP = ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreement", "unicycle_soft",
+        "best_of_n_self", "und_acc_perturbed")
+
+
+def _arm_config(cfg: CycleConfig, arm: dict[str, Any]) -> CycleConfig:
+    return cfg.model_copy(update={
+        "reconstruct": cfg.reconstruct.model_copy(update=arm["reconstruct"]),
+        "posttrain": cfg.posttrain.model_copy(update=arm["posttrain"])})
+
+
+@flow(name="selfplay-ablate-cpr", log_prints=True)
+def ablate_cpr_flow(config: CycleConfig) -> dict[str, dict[str, Any]]:
+    ctx = make_context(config)
+    generate_flow(config)
+    refs = {k: DatasetRef.model_validate(v) for k, v in load_run_state(config.run.store, config.run.name)["refs"].items()}
+    parent_dir = resolve_checkpoint_dir(config.model, config.run.store)
+    out = {"base": {"checkpoint_id": ctx.model_id,
+                    **{k: v for k, v in headline_of(benchmark_task("base", config, ctx)["benchmark"]).items()
+                       if k in KEEP}}}
+    for name, arm in ARMS.items():
+        cfg = _arm_config(config, arm)
+        cpr = reconstruct.run({k: refs[k] for k in ("prompts", "rollouts", "judgements", "selections")},
+                              cfg.reconstruct, ctx)
+        trained = posttrain.run(cpr, cfg.posttrain, ctx, parent_dir, cfg.model.registry_line)
+        child_cfg, child_ctx = _child_context(cfg, ctx, trained["dir"])
+        m = headline_of(benchmark_task(name, child_cfg, child_ctx)["benchmark"])
+        out[name] = {"checkpoint_id": trained["checkpoint_id"], **{k: v for k, v in m.items() if k in KEEP},
+                     "train_examples": trained["metrics"]["train_examples"]}
+    return out
