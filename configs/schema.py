@@ -125,6 +125,8 @@ class PosttrainConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    cfg_dropout: float = Field(0.1, ge=0, lt=1, description="share of image targets trained without their prompt, "
+                               "so the unconditional branch that classifier-free guidance needs does not drift")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = no EMA; UniCorn: 0.99")
     export: Literal["ema", "raw"] = "raw"
     checkpoint_every: int = Field(50, ge=1)
@@ -160,8 +162,10 @@ class GateConfig(Strict):
 
 
 class StageCacheConfig(Strict):
+    """Retries of a failed shard (rollout, judge): delays grow exponentially from `retry_delay_s`."""
+
     retries: int = Field(2, ge=0, le=10)
-    retry_delay_s: float = Field(2.0, ge=0)
+    retry_delay_s: float = Field(2.0, gt=0)
 
 
 class CycleConfig(Strict):

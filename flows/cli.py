@@ -11,6 +11,8 @@ import typer
 
 # fresh SQLite databases log 'database is locked' with the server's analytics on
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# OpenMP spin-waiting collapses torch's 2-thread decoding whenever another process is busy (set before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     help="Self-play post-training for unified multimodal models.",

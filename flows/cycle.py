@@ -75,7 +75,7 @@ def run_stage(name: str, inputs: dict[str, DatasetRef], cfg: CycleConfig, ctx: S
         plan = module.plan(inputs, cfg.propose, ctx, held_out(cfg))
     else:
         plan = module.plan(inputs, getattr(cfg, name), ctx)
-    return {STAGE_OUTPUT[name]: run_sharded(module, plan, ctx, refresh)}
+    return {STAGE_OUTPUT[name]: run_sharded(module, plan, ctx, refresh, cfg.stages.retries, cfg.stages.retry_delay_s)}
 
 
 def held_out(cfg: CycleConfig) -> frozenset[str]:

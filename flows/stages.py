@@ -28,8 +28,7 @@ class FingerprintCache(CachePolicy):
         return f"selfplay-{inputs['key']}"
 
 
-@task(name="shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      task_run_name="{stage}[{index}]")
+@task(name="shard", cache_policy=NO_CACHE, task_run_name="{stage}[{index}]")
 def shard_task(stage: str, index: int, module: Any, plan: StagePlan, ctx: StageContext) -> bool:
     """Compute one part unless it is already committed; returns True if it computed."""
     return Dataset(plan.ref).ensure_part(index, lambda: module.compute_part(plan, index, ctx))[1]
@@ -43,7 +42,8 @@ def commit_task(stage: str, key: str, plan: StagePlan, ctx: StageContext) -> dic
     return plan.ref.model_dump()
 
 
-def run_sharded(module: Any, plan: StagePlan, ctx: StageContext, refresh: bool = False):
+def run_sharded(module: Any, plan: StagePlan, ctx: StageContext, refresh: bool = False, retries: int = 2,
+                retry_delay_s: float = 2.0):
     """Map the stage's missing shards as Prefect tasks, with a progress bar and a progress artifact."""
     from storage import DatasetRef
 
@@ -59,7 +59,9 @@ def run_sharded(module: Any, plan: StagePlan, ctx: StageContext, refresh: bool =
         missing = [i for i in range(plan.n_parts) if ds.committed_part(i) is None]
         if missing:
             artifact = create_progress_artifact(0.0, description=f"{stage}: {len(missing)} shards")
-            futures = [shard_task.submit(stage, i, module, plan, ctx) for i in missing]
+            shard = shard_task.with_options(retries=retries,
+                                            retry_delay_seconds=exponential_backoff(backoff_factor=retry_delay_s))
+            futures = [shard.submit(stage, i, module, plan, ctx) for i in missing]
             with tqdm(total=len(missing), desc=stage, unit="shard") as bar:
                 for done, fut in enumerate(as_completed(futures), 1):
                     fut.result()

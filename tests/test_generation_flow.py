@@ -120,3 +120,23 @@ def test_sigkill_mid_rollout_then_rerun_has_exact_rows(tmp_path, prefect_api):
     rows = Dataset(ref).read(["prompt_id", "sample_idx"]).to_pylist()
     assert len(rows) == 64 * 8
     assert len({(r["prompt_id"], r["sample_idx"]) for r in rows}) == 64 * 8
+
+
+def test_single_stage_rerun_from_cached_upstream(first_run):
+    from flows.cycle import config_for_run, stage_flow
+
+    store, cfg, _ = first_run
+    before = refs_of(store, "gen")
+    new_cfg = config_for_run(str(store), "gen", ["judge.rubric.partial_max=4"])
+    out = stage_flow("judge", new_cfg)
+    after = refs_of(store, "gen")
+    assert after["judgements"].fingerprint != before["judgements"].fingerprint
+    assert out["judgements"] == after["judgements"].path
+    assert after["rollouts"] == before["rollouts"] and created(after["rollouts"]) == created(before["rollouts"])
+    stamp = created(after["judgements"])
+    stage_flow("judge", new_cfg)  # cached
+    assert created(refs_of(store, "gen")["judgements"]) == stamp
+    stage_flow("judge", new_cfg, refresh=True)  # forced
+    assert created(refs_of(store, "gen")["judgements"]) != stamp
+    with pytest.raises(Exception, match="unknown stage"):
+        stage_flow("paint", new_cfg)
