@@ -10,6 +10,7 @@ anything, and ends at the configured step count.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,13 @@ def load_examples(ref: dict, split: str) -> list[CPRExample]:
                        input_image=img(r["input_image"]), target_image=img(r["target_image"]),
                        rejected_image=img(r["rejected_image"]), meta=json.loads(r["meta"] or "{}"))
             for r in rows if r["split"] == split]
+
+
+def drop_condition(ex: CPRExample, rng: random.Random, p: float) -> CPRExample:
+    """With probability p, an image target without its prompt: it keeps the unconditional branch trained."""
+    if ex.kind in ("generation", "reflection") and rng.random() < p:
+        return dataclasses.replace(ex, input_text="")
+    return ex
 
 
 class Objective(torch.nn.Module):
@@ -201,7 +209,7 @@ def main(job_path: str) -> None:
         for g in engine.optimizer.param_groups:
             g["lr"] = lr
         rng = random.Random(stable_seed(cfg.seed, "batch", step))
-        batch = [train[rng.randrange(len(train))] for _ in range(per_step)]
+        batch = [drop_condition(train[rng.randrange(len(train))], rng, cfg.cfg_dropout) for _ in range(per_step)]
         losses = []
         for m in range(cfg.grad_accum):
             lo = (m * world + rank) * cfg.micro_batch
