@@ -411,7 +411,8 @@ class EmbeddedUMM:
     def judge(self, prompts: list[str], images: list[Image.Image], rubric: Any = None) -> list[Judgement]:
         from model.world import Rubric, reasoning_text, score as world_score
         _check_lengths(prompts=prompts, images=images)
-        rubric = rubric if rubric is not None else Rubric()
+        # a stage passes its config's rubric as a dict of overrides
+        rubric = Rubric.model_validate(rubric) if isinstance(rubric, dict) else (rubric or Rubric())
         out = []
         for p, r in zip(prompts, self.judge_facts(prompts, images)):
             if r is None:
