@@ -219,7 +219,10 @@ def main(job_path: str) -> None:
             engine.step()
             losses.append(float(loss))
         if tokens_per_example is None and hasattr(umm, "example_seqs"):
-            seqs = [umm.example_seqs(e)[1] for e in batch[: min(16, len(batch))]]
+            # a DPO pair runs the generation sequence of its chosen and its rejected image
+            as_seq = lambda e: dataclasses.replace(e, kind="generation") if e.kind == "preference" else e  # noqa: E731
+            seqs = [umm.example_seqs(as_seq(e))[1] * (2 if e.kind == "preference" else 1)
+                    for e in batch[: min(16, len(batch))]]
             tokens_per_example = sum(len(s[0]) for ss in seqs for s in ss) / len(seqs)
         if ema is not None:
             with torch.no_grad():
