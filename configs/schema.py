@@ -40,6 +40,12 @@ class ModelConfig(Strict):
     registry_line: str = "default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = False
+    # real UMMs (backend 'janus'): where the base weights come from, and how they are held
+    path: str | None = Field(None, description="janus: hub id or local directory of the base checkpoint")
+    random_weights: bool = Field(False, description="janus: random weights of the configured shapes (no download)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    janus_config: dict = Field(default_factory=dict, description="janus: JanusConfig fields for random weights")
+    sampling: dict = Field(default_factory=dict, description="janus: backend settings (model/janus/umm.py Settings)")
 
 
 class ProposeConfig(Strict):
