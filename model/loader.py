@@ -17,6 +17,10 @@ from storage import Registry
 def resolve_checkpoint_dir(cfg: ModelConfig, store: str) -> str | None:
     """A local directory of weights, or None for the backend's shipped base checkpoint."""
     if cfg.checkpoint == "base":
+        if cfg.backend == "janus":  # a real UMM's base: a local directory, materialised once if need be
+            from model.janus import base_dir
+
+            return base_dir(cfg, store)
         return None
     reg = Registry(store, cfg.registry_line)
     if cfg.checkpoint == "promoted":
@@ -39,13 +43,38 @@ def _device(name: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load(backend: str, directory: str | None, device: str) -> Any:
+def _load(backend: str, directory: str | None, device: str, dtype: str = "auto", settings: str = "{}") -> Any:
     if backend == "embedded":
         from model.embedded.umm import EmbeddedUMM
 
         return EmbeddedUMM.from_pretrained(directory, device=device)
+    if backend == "janus":
+        import json
+
+        from model.janus import JanusUMM
+
+        return JanusUMM.from_pretrained(directory, device=device, dtype=dtype, settings=json.loads(settings))
     raise NotImplementedError(f"model.backend {backend!r} is not available in this build")
 
 
 def load_model(cfg: ModelConfig, store: str) -> Any:
+    if cfg.backend == "janus":
+        import json
+
+        return _load(cfg.backend, resolve_checkpoint_dir(cfg, store), _device(cfg.device), cfg.dtype,
+                     json.dumps(cfg.sampling, sort_keys=True))
     return _load(cfg.backend, resolve_checkpoint_dir(cfg, store), _device(cfg.device))
+
+
+def load_directory(directory: str, device: str = "cpu", dtype: str = "auto") -> Any:
+    """A checkpoint directory written by any backend's `save_pretrained`, its backend read from its files
+    (uncached: for a training process that owns the model)."""
+    from model.janus import is_janus_dir
+
+    if is_janus_dir(directory):
+        from model.janus import JanusUMM
+
+        return JanusUMM.from_pretrained(directory, device=device, dtype=dtype)
+    from model.embedded.umm import EmbeddedUMM
+
+    return EmbeddedUMM.from_pretrained(directory, device=device)

@@ -157,10 +157,10 @@ def main(job_path: str) -> None:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     torch.manual_seed(cfg.seed)
 
-    from model.embedded.umm import EmbeddedUMM  # the trainable backend; the loader maps the others
+    from model.loader import load_directory  # the trainable backend, read from the checkpoint's own files
 
-    umm = EmbeddedUMM.from_pretrained(job["parent_dir"], device=device)
-    reference = EmbeddedUMM.from_pretrained(job["parent_dir"], device=device) if cfg.objective == "dpo" else None
+    umm = load_directory(job["parent_dir"], device=device, dtype="float32")
+    reference = load_directory(job["parent_dir"], device=device, dtype="float32") if cfg.objective == "dpo" else None
     if reference is not None:
         reference.net.requires_grad_(False).eval()
         if bf16:
