@@ -196,5 +196,39 @@ from model.embedded.commands import register as _register_embedded  # noqa: E402
 _register_embedded(app, bench_app)
 # --- end of registrations ---
 
+
+@bench_app.command("rollout", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_rollout(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option(help="cycle recipe; a 'janus' backend is benchmarked against "
+                                                   "transformers' generate (default: the embedded model)")] = None,
+    random_weights: Annotated[bool, typer.Option(help="janus: random weights of the recipe's shapes")] = False,
+    prompts: Annotated[Optional[int], typer.Option(help="prompts (janus default 32, embedded 64)")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="images per prompt (default 8)")] = None,
+    cfg_scale: Annotated[float, typer.Option(help="janus: guidance scale")] = 5.0,
+    batch: Annotated[Optional[list[int]], typer.Option(help="janus: images per engine call (repeatable)")] = None,
+    generate: Annotated[bool, typer.Option(help="janus: also time transformers' generate")] = True,
+    compare: Annotated[int, typer.Option(help="janus: prompts checked token by token against generate")] = 0,
+) -> None:
+    """Sampling throughput, JSON with images_per_s: the embedded model, or a Janus recipe's rollout engine against
+    transformers' generate in the same run (extra options go to the embedded benchmark)."""
+    backend = load_cycle_config(config, []).model.backend if config is not None else "embedded"
+    if backend == "janus":
+        from model.janus.bench import bench_rollout as run
+
+        typer.echo(json.dumps(run(str(config), random_weights, prompts or 32, samples or 8, cfg_scale,
+                                  tuple(batch or [256]), generate, compare)))
+        return
+    from typer.main import get_command
+
+    from model.embedded.commands import bench_rollout as embedded_bench
+
+    sub = typer.Typer()
+    sub.command()(embedded_bench)
+    args = list(ctx.args) + (["--prompts", str(prompts)] if prompts else []) + (["--samples", str(samples)]
+                                                                              if samples else [])
+    get_command(sub).main(args=args, standalone_mode=False)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,241 @@
+"""Benchmarks of the Janus backend: image-token rollouts (engine vs transformers' `generate`) and post-training.
+
+`selfplay bench rollout --config configs/cycle/janus-pro-1b.yaml --random-weights` runs `bench_rollout`;
+`python scripts/bench_janus_train.py` runs `bench_train`. Both return a JSON-able dict.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from typing import Any
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_for_bench(config_path: str, random_weights: bool, device: str | None = None, overrides=None):
+    from configs.loader import load_config
+    from configs.schema import CycleConfig
+    from model.janus import JanusUMM
+
+    cfg = load_config(config_path, CycleConfig, list(overrides or []))
+    m = cfg.model
+    if m.backend != "janus":
+        raise ValueError(f"{config_path}: model.backend is {m.backend!r}, not 'janus'")
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if random_weights or m.random_weights:
+        umm = JanusUMM.random(m.janus_config, device=dev, dtype=m.dtype, settings=m.sampling)
+    else:
+        umm = JanusUMM.from_pretrained(m.path, device=dev, dtype=m.dtype, settings=m.sampling)
+    return cfg, umm
+
+
+def bench_prompts(n: int, seed: int = 0) -> list[str]:
+    from model.world import CATEGORIES, sample_prompt
+
+    rng = random.Random(seed)
+    return [sample_prompt(CATEGORIES[i % len(CATEGORIES)], rng) for i in range(n)]
+
+
+@torch.no_grad()
+def time_engine(umm, prompts: list[str], samples: int, cfg_scale: float, batch: int, temperature: float = 1.0,
+                top_k: int | None = None, decode: bool = False) -> dict[str, Any]:
+    P = [p for p in prompts for _ in range(samples)]
+    seeds = list(range(len(P)))
+    cond = [umm._gen_prefix(p) for p in P]
+    uncond = [umm._gen_prefix(p, uncond=True) for p in P]
+    umm.settings = umm.settings.model_copy(update={"image_batch": batch})
+    t0 = time.perf_counter()
+    umm.sample_codes(cond[:batch], uncond[:batch], seeds[:batch], [cfg_scale] * batch, temperature, top_k)  # capture
+    _sync()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    codes = umm.sample_codes(cond, uncond, seeds, [cfg_scale] * len(P), temperature, top_k)
+    _sync()
+    s = time.perf_counter() - t0
+    out = {"images": len(P), "batch": batch, "tokens_s": round(s, 3), "images_per_s": round(len(P) / s, 2),
+           "first_call_s": round(warm_s, 2)}
+    if decode:
+        t0 = time.perf_counter()
+        umm.decode_codes(codes)
+        _sync()
+        d = time.perf_counter() - t0
+        out.update(decode_s=round(d, 3), images_per_s_with_decode=round(len(P) / (s + d), 2))
+    again = umm.sample_codes(cond[:batch], uncond[:batch], seeds[:batch], [cfg_scale] * batch, temperature, top_k)
+    out["same_seed_same_tokens"] = bool(torch.equal(again.cpu(), codes[:batch].cpu()))
+    if torch.cuda.is_available():
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    umm.engine.release()
+    _free()
+    return out
+
+
+@torch.no_grad()
+def time_generate(umm, prompts: list[str], samples: int, cfg_scale: float) -> dict[str, Any]:
+    """transformers' own image generation: all prompts in one call, `samples` images each (num_return_sequences)."""
+    ids = [umm.gen_ids(p) for p in prompts]
+    L = max(len(i) for i in ids)
+    x = torch.full((len(ids), L), umm.ids.pad, dtype=torch.long)
+    am = torch.zeros((len(ids), L), dtype=torch.long)
+    for r, i in enumerate(ids):
+        x[r, L - len(i):] = torch.tensor(i)
+        am[r, L - len(i):] = 1
+    x, am = x.to(umm.device), am.to(umm.device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    out = umm.net.generate(x, attention_mask=am, generation_mode="image", guidance_scale=cfg_scale, do_sample=True,
+                           num_return_sequences=samples)
+    _sync()
+    s = time.perf_counter() - t0
+    res = {"images": int(out.shape[0]), "tokens_s": round(s, 3), "images_per_s": round(out.shape[0] / s, 2)}
+    if torch.cuda.is_available():
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    del out
+    _free()
+    return res
+
+
+@torch.no_grad()
+def compare_with_generate(umm, prompts: list[str], seeds: list[int], cfg_scale: float = 5.0,
+                          top_k: int | None = 50) -> dict[str, Any]:
+    """The engine's exact sampler (batched) against `generate` on each prompt alone after torch.manual_seed(seed).
+    (transformers' generate applies its default top_k=50, so the engine is given the same.)"""
+    cond = [umm._gen_prefix(p) for p in prompts]
+    uncond = [umm._gen_prefix(p, uncond=True) for p in prompts]
+    eng = umm.engine.sample(cond, uncond, seeds, [cfg_scale] * len(prompts), 1.0, top_k, sampler="torch").cpu()
+    umm.engine.release()
+    rows = []
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        x = torch.tensor([umm.gen_ids(p)], device=umm.device)
+        torch.manual_seed(s)
+        ref = umm.net.generate(x, attention_mask=torch.ones_like(x), generation_mode="image",
+                               guidance_scale=cfg_scale, do_sample=True, top_k=top_k).cpu()[0]
+        same = (eng[i] == ref)
+        first_diff = int((~same).nonzero()[0]) if not bool(same.all()) else None
+        rows.append({"equal": bool(same.all()), "match": round(float(same.float().mean()), 4),
+                     "first_difference_at": first_diff})
+    _free()
+    return {"prompts": len(prompts), "all_equal": all(r["equal"] for r in rows), "per_prompt": rows}
+
+
+def bench_rollout(config: str, random_weights: bool = True, prompts: int = 32, samples: int = 8,
+                  cfg_scale: float = 5.0, batches: tuple[int, ...] = (256,), generate: bool = True,
+                  compare: int = 0, decode: bool = True, overrides=None) -> dict[str, Any]:
+    cfg, umm = load_for_bench(config, random_weights, overrides=overrides)
+    ps = bench_prompts(prompts)
+    res: dict[str, Any] = {"config": config, "random_weights": bool(random_weights or cfg.model.random_weights),
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                           "dtype": str(umm.dtype).replace("torch.", ""), "params": umm.num_params(),
+                           "prompts": prompts, "samples_per_prompt": samples, "cfg_scale": cfg_scale,
+                           "tokens_per_image": umm.n_image_tokens, "sampler": umm.settings.sampler,
+                           "transformers": __import__("transformers").__version__, "torch": torch.__version__}
+    runs = [time_engine(umm, ps, samples, cfg_scale, b, decode=decode and i == 0) for i, b in enumerate(batches)]
+    best = max(runs, key=lambda r: r["images_per_s"])
+    res["engine"] = runs
+    res["images_per_s"] = best["images_per_s"]
+    if generate:
+        res["generate"] = time_generate(umm, ps, samples, cfg_scale)
+        res["generate_images_per_s"] = res["generate"]["images_per_s"]
+        res["speedup"] = round(res["images_per_s"] / res["generate_images_per_s"], 2)
+    if compare:
+        res["vs_generate"] = compare_with_generate(umm, ps[:compare], list(range(1000, 1000 + compare)), cfg_scale)
+    return res
+
+
+# ---------------------------------------------------------------------- post-training
+def params_on_path(umm) -> int:
+    """Parameters a text-to-image token passes through: the Llama layers and final norm, the generation aligner
+    and head (embedding lookups are not matrix products and are left out)."""
+    m = umm.net.model
+    n = sum(p.numel() for n_, p in m.language_model.named_parameters() if not n_.startswith("embed_tokens"))
+    n += sum(p.numel() for p in m.generation_aligner.parameters())
+    n += sum(p.numel() for p in m.generation_head.parameters())
+    return n
+
+
+class T2IStep(torch.nn.Module):
+    """The text-to-image loss of JanusUMM on token tensors (prompt ids (B, P), codes (B, N)): what DeepSpeed trains."""
+
+    def __init__(self, umm):
+        super().__init__()
+        self.net = umm.net
+        self.umm = umm
+
+    def forward(self, prompt_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        emb = self.net.get_input_embeddings()(prompt_ids)
+        return self.umm.image_ce(list(emb), codes)
+
+
+def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: int = 32, steps: int = 10,
+                warmup: int = 3, prompt_tokens: int = 32, zero_stage: int = 2, compile_layers: bool = False,
+                overrides=None) -> dict[str, Any]:
+    """DeepSpeed ZeRO bf16 text-to-image training steps of the configured shape on one GPU, random weights."""
+    import os
+
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    _, umm = load_for_bench(config, True, overrides=[*(overrides or []), "model.dtype=float32"])
+    umm.net.train()
+    if compile_layers:
+        for layer in umm.net.model.language_model.layers:
+            layer.compile()
+    model = T2IStep(umm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
+    ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+          "steps_per_print": 10**9, "zero_optimization": {"stage": zero_stage, "contiguous_gradients": True,
+                                                          "overlap_comm": cuda, "reduce_bucket_size": 5e8,
+                                                          "allgather_bucket_size": 5e8},
+          "bf16": {"enabled": cuda}}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    dev = engine.device
+    N, V = umm.n_image_tokens, umm.net.config.vq_config.num_embeddings
+    g = torch.Generator().manual_seed(0)
+    vocab = umm.net.config.text_config.vocab_size
+    times, losses = [], []
+    for i in range(warmup + steps):
+        ids = torch.randint(0, min(vocab, 256), (micro_batch, prompt_tokens), generator=g).to(dev)
+        codes = torch.randint(0, V, (micro_batch, N), generator=g).to(dev)
+        _sync()
+        t0 = time.perf_counter()
+        loss = engine(ids, codes)
+        engine.backward(loss)
+        engine.step()
+        _sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+    step_s = sum(times) / len(times)
+    tokens = micro_batch * (prompt_tokens + N)
+    n_path = params_on_path(umm)
+    res = {"config": config, "device": torch.cuda.get_device_name() if cuda else "cpu", "zero_stage": zero_stage,
+           "precision": "bf16" if cuda else "fp32", "micro_batch": micro_batch,
+           "tokens_per_example": prompt_tokens + N, "steps_timed": steps, "step_s": round(step_s, 4),
+           "tokens_per_s": round(tokens / step_s, 1), "params_total": umm.num_params(),
+           "params_trainable": sum(p.numel() for p in params), "params_on_path": n_path,
+           "mfu": round(6 * n_path * tokens / step_s / 989e12, 4), "loss_first": round(losses[0], 4),
+           "loss_last": round(losses[-1], 4), "compile_layers": compile_layers}
+    if cuda:
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return res
