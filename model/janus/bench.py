@@ -25,12 +25,31 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+class _Raw:
+    """A recipe's model section read as plain YAML, where the typed configs cannot be imported (a GPU machine
+    without the artifact store's dependencies)."""
+
+    def __init__(self, path: str, overrides):
+        import yaml
+
+        from configs.loader import apply_overrides
+
+        data = apply_overrides(yaml.safe_load(open(path)), list(overrides or []), path)
+        m = {"dtype": "auto", "random_weights": False, "path": None, "sampling": {}, "janus_config": {},
+             **data.get("model", {})}
+        self.model = type("M", (), m)
+
+
 def load_for_bench(config_path: str, random_weights: bool, device: str | None = None, overrides=None):
-    from configs.loader import load_config
-    from configs.schema import CycleConfig
     from model.janus import JanusUMM
 
-    cfg = load_config(config_path, CycleConfig, list(overrides or []))
+    try:
+        from configs.loader import load_config
+        from configs.schema import CycleConfig
+
+        cfg = load_config(config_path, CycleConfig, list(overrides or []))
+    except ImportError:
+        cfg = _Raw(config_path, overrides)
     m = cfg.model
     if m.backend != "janus":
         raise ValueError(f"{config_path}: model.backend is {m.backend!r}, not 'janus'")
@@ -143,7 +162,14 @@ def bench_rollout(config: str, random_weights: bool = True, prompts: int = 32, s
                            "prompts": prompts, "samples_per_prompt": samples, "cfg_scale": cfg_scale,
                            "tokens_per_image": umm.n_image_tokens, "sampler": umm.settings.sampler,
                            "transformers": __import__("transformers").__version__, "torch": torch.__version__}
-    runs = [time_engine(umm, ps, samples, cfg_scale, b, decode=decode and i == 0) for i, b in enumerate(batches)]
+    runs = []
+    for i, b in enumerate(batches):
+        try:
+            runs.append(time_engine(umm, ps, samples, cfg_scale, b, decode=decode and i == 0))
+        except torch.OutOfMemoryError as exc:  # a batch too large for this GPU: say so, try the next
+            umm.engine.release()
+            _free()
+            runs.append({"batch": b, "images_per_s": 0.0, "error": f"out of memory: {str(exc)[:120]}"})
     best = max(runs, key=lambda r: r["images_per_s"])
     res["engine"] = runs
     res["images_per_s"] = best["images_per_s"]
@@ -239,3 +265,20 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
     if cuda:
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     return res
+
+
+if __name__ == "__main__":  # python -m model.janus.bench CONFIG [--no-generate] [--compare N] [--batch N ...]
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--cfg-scale", type=float, default=5.0)
+    ap.add_argument("--batch", type=int, action="append")
+    ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--compare", type=int, default=0)
+    a = ap.parse_args()
+    print(json.dumps(bench_rollout(a.config, True, a.prompts, a.samples, a.cfg_scale, tuple(a.batch or [256]),
+                                   not a.no_generate, a.compare)), flush=True)
