@@ -43,7 +43,8 @@ bench: install
 ui: install
 	$(PY) -m flows.ui
 
-# Drives the Prefect UI in headless Chromium (Debian's chromium + Playwright without a browser download).
+# Drives the Prefect UI in headless Chromium (Debian's chromium + Playwright without a browser download): its own
+# server on a free port, a temporary PREFECT_HOME and store; screenshots in runs/ui-check/, a JSON line at the end.
 ui-check: install
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PIP) install -q "playwright==1.65.2"

@@ -2,10 +2,12 @@
 
 Each deployment's `config` parameter starts as its recipe (`config_file`), validated by the typed CycleConfig:
 the Prefect UI renders it as a form, and a run started there is checked before any work starts.
+`SELFPLAY_STORE`, when set, replaces every recipe's `run.store` (scripts/ui_check.py serves into a temporary store).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,8 @@ def deployments(path: Path = PROJECT_ROOT / "prefect.yaml") -> list:
         flow = load_flow_from_entrypoint(str(PROJECT_ROOT / d["entrypoint"]))
         params = dict(d.get("parameters") or {})
         params["config"] = load_config(PROJECT_ROOT / d["config_file"], CycleConfig).model_dump(mode="json")
+        if os.environ.get("SELFPLAY_STORE"):
+            params["config"]["run"]["store"] = os.environ["SELFPLAY_STORE"]
         schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in d.get("schedules") or []]
         out.append(flow.to_deployment(name=d["name"], description=d.get("description"), parameters=params,
                                       schedules=schedules or None))
