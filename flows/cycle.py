@@ -8,8 +8,10 @@ single stage can be rerun later with a new config (say, a new rubric) and the re
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +166,17 @@ def _child_context(cfg: CycleConfig, parent: StageContext, child_dir: str) -> tu
     return child_cfg, make_context(child_cfg)
 
 
+def _inline_images(md: str, folder: Path) -> str:
+    """The report's PNG links as data URIs: the Prefect UI cannot reach files beside the datasets."""
+    def embed(m: re.Match) -> str:
+        png = folder / m.group(2)
+        if not png.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)", embed, md)
+
+
 def _publish(run: str, cycle: int, rows: list[dict], md: str) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -214,7 +227,7 @@ def cycle_flow(config: CycleConfig, previous: dict[str, Any] | None = None) -> d
                          {"per-category generation accuracy": "per_category.png", "metrics across cycles":
                           "history.png", "best and worst of N (own judge)": "best_worst.png"}, flags=[])
     (out / "report.md").write_text(md)
-    _publish(cfg.run.name, cfg.run.cycle, rows, md)
+    _publish(cfg.run.name, cfg.run.cycle, rows, _inline_images(md, out))
     summary = {"parent": {"checkpoint_id": ctx.model_id, **parent_m},
                "child": {"checkpoint_id": trained["checkpoint_id"], **child_m},
                "promoted": promoted, "reason": why, "run": cfg.run.name, "cycle": cfg.run.cycle,
