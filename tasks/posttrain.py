@@ -39,6 +39,16 @@ def out_dir(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageConte
     return Path(store.path(ctx.run, f"{NAME}-{fp[:12]}"))
 
 
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, so a killed stage leaves no orphaned trainer behind
+    (an orphan would race the resumed run on the same checkpoint folder)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def launch(job: dict, out: Path, nproc: int, timeout_s: int, log) -> None:
     out.mkdir(parents=True, exist_ok=True)
     job_path = out / "job.json"
@@ -59,7 +69,7 @@ def launch(job: dict, out: Path, nproc: int, timeout_s: int, log) -> None:
     log(f"[posttrain] {' '.join(cmd[2:])}")
     with open(out / "worker.log", "ab") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -145,6 +145,9 @@ def main(job_path: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from tasks.posttrain import die_with_parent
+
+    die_with_parent()  # torchrun's death (e.g. the stage was killed) takes this rank with it
     job = json.loads(Path(job_path).read_text())
     cfg = PosttrainConfig.model_validate(job["posttrain"])
     cuda = torch.cuda.is_available()
