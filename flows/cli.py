@@ -193,7 +193,7 @@ from model.world.cli import app as world_app  # noqa: E402
 app.add_typer(world_app, name="world", help="The embedded model's synthetic world and its exact oracle.")
 from model.embedded.commands import register as _register_embedded  # noqa: E402
 
-_register_embedded(app, bench_app)
+_register_embedded(app)
 # --- end of registrations ---
 
 

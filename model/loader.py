@@ -6,6 +6,7 @@ checkpoint id, or a local directory written by `save_pretrained`. Loaded models 
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from typing import Any
@@ -49,8 +50,6 @@ def _load(backend: str, directory: str | None, device: str, dtype: str = "auto",
 
         return EmbeddedUMM.from_pretrained(directory, device=device)
     if backend == "janus":
-        import json
-
         from model.janus import JanusUMM
 
         return JanusUMM.from_pretrained(directory, device=device, dtype=dtype, settings=json.loads(settings))
@@ -58,12 +57,9 @@ def _load(backend: str, directory: str | None, device: str, dtype: str = "auto",
 
 
 def load_model(cfg: ModelConfig, store: str) -> Any:
-    if cfg.backend == "janus":
-        import json
-
-        return _load(cfg.backend, resolve_checkpoint_dir(cfg, store), _device(cfg.device), cfg.dtype,
-                     json.dumps(cfg.sampling, sort_keys=True))
-    return _load(cfg.backend, resolve_checkpoint_dir(cfg, store), _device(cfg.device))
+    # dtype and backend settings (as canonical JSON: the cache key must be hashable) matter to janus only
+    return _load(cfg.backend, resolve_checkpoint_dir(cfg, store), _device(cfg.device), cfg.dtype,
+                 json.dumps(cfg.sampling, sort_keys=True))
 
 
 def load_directory(directory: str, device: str = "cpu", dtype: str = "auto") -> Any:

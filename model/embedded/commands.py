@@ -110,7 +110,7 @@ def pretrain_cmd(
     print(json.dumps({k: v for k, v in metrics.items() if k != "snapshots"}))
 
 
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     app.command("pretrain")(pretrain_cmd)
     app.add_typer(model_app, name="model")
-    bench_app.command("rollout")(bench_rollout)
+    # `selfplay bench rollout` is registered in flows/cli.py: it hands a non-Janus recipe to bench_rollout here
