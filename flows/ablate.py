@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from configs.schema import CycleConfig
+from configs.schema import CycleConfig, ReconstructConfig
 from flows.cycle import _child_context, benchmark_task, generate_flow, load_run_state, make_context
 from model.loader import resolve_checkpoint_dir
 from storage import DatasetRef
@@ -21,8 +21,9 @@ from tasks.report import headline_of
 ARMS = {
     "gen_only": {"reconstruct": {"mixture": {"generation": 1, "caption": 0, "judgement": 0, "reflection": 0}},
                  "posttrain": {"objective": "sft"}},
-    "cpr": {"reconstruct": {}, "posttrain": {"objective": "sft"}},
-    "dpo": {"reconstruct": {}, "posttrain": {"objective": "dpo"}},
+    # the full mixture whatever the recipe's own (tiny.yaml trains generation only)
+    "cpr": {"reconstruct": {"mixture": ReconstructConfig().mixture}, "posttrain": {"objective": "sft"}},
+    "dpo": {"reconstruct": {"mixture": ReconstructConfig().mixture}, "posttrain": {"objective": "dpo"}},
 }
 KEEP = ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreement", "unicycle_soft",
         "best_of_n_self", "und_acc_perturbed")

@@ -19,7 +19,7 @@ from storage import DatasetRef, Registry, Store, fingerprint
 from tasks.common import StageContext
 
 NAME = "posttrain"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: EMA leaves integer buffers alone
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -69,7 +69,7 @@ class Objective(torch.nn.Module):
         if self.cfg.objective == "dpo":
             return self.umm.dpo_loss(examples, self.reference, beta=self.cfg.dpo_beta,
                                      nll_weight=self.cfg.dpo_nll_weight)
-        return self.umm.loss(examples)
+        return self.umm.loss(examples, self.cfg.loss_weights or None)
 
 
 @torch.no_grad()
@@ -188,7 +188,10 @@ def main(job_path: str) -> None:
     ckpt_root = out / "ckpt"
     ema = None
     if cfg.ema_decay > 0:
-        ema = {k: v.detach().float().clone() for k, v in engine.module.net.state_dict().items()}
+        # floating-point weights only: an integer buffer (the codebook's index tables) averaged in float
+        # and cast back comes out truncated, which wrecked every EMA export
+        ema = {k: v.detach().float().clone() for k, v in engine.module.net.state_dict().items()
+               if v.is_floating_point()}
     start, extra = 0, {}
     found = latest_checkpoint(ckpt_root, world)
     if found is not None:
@@ -230,7 +233,8 @@ def main(job_path: str) -> None:
         if ema is not None:
             with torch.no_grad():
                 for k, v in engine.module.net.state_dict().items():
-                    ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+                    if k in ema:
+                        ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
         examples_done += per_step
         if rank == 0:
             with open(log_path, "a") as fh:
@@ -245,7 +249,8 @@ def main(job_path: str) -> None:
     if rank == 0:
         weights = ema if (ema is not None and cfg.export == "ema") else None
         if weights is not None:
-            umm.net.load_state_dict({k: v.to(next(umm.net.parameters()).dtype) for k, v in weights.items()})
+            current = umm.net.state_dict()  # buffers the EMA does not hold stay as they are
+            umm.net.load_state_dict({**current, **{k: v.to(current[k].dtype) for k, v in weights.items()}})
         umm.net.float()
         umm.weights_changed()
         after = heldout_loss(umm, heldout) if heldout else {}

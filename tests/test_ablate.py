@@ -1,0 +1,30 @@
+"""`selfplay ablate cpr` end to end on the embedded model (small sizes): one generation side, three children
+(generation-only SFT, the full CPR mixture, DPO) trained on it, each benchmarked beside the parent."""
+
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from storage import Registry
+
+
+def test_ablate_cpr_prints_the_four_arms_as_json(tmp_path, prefect_api):
+    over = [f"run.store={tmp_path}", "run.name=abl", "propose.num_prompts=48", "rollout.prompts_per_shard=24",
+            "select.threshold=6", "reconstruct.generation_min_score=6", "reconstruct.heldout_share=0.2",
+            "posttrain.steps=8", "posttrain.micro_batch=16", "posttrain.checkpoint_every=4",
+            "benchmark.prompts_per_category=4", "benchmark.samples=2", "benchmark.bootstrap=200"]
+    res = CliRunner().invoke(app, ["ablate", "cpr", "configs/cycle/tiny.yaml", *over])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])  # logs and bars go to stderr
+    assert list(out) == ["base", "gen_only", "cpr", "dpo"]
+    for arm, m in out.items():
+        for k in ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreement"):
+            assert 0.0 <= m[k] <= 1.0, (arm, k)
+    ids = {m["checkpoint_id"] for m in out.values()}
+    assert len(ids) == 4, "three distinct children beside the parent"
+    reg = Registry(str(tmp_path))
+    for arm in ("gen_only", "cpr", "dpo"):
+        assert reg.require(out[arm]["checkpoint_id"]).parent == out["base"]["checkpoint_id"]
+    # the CPR arm trains the four kinds whatever the recipe's own mixture (tiny.yaml: generation only)
+    assert out["cpr"]["train_examples"] > 2 * out["gen_only"]["train_examples"]
