@@ -16,6 +16,8 @@ from flows.cycle import _child_context, benchmark_task, generate_flow, load_run_
 from model.loader import resolve_checkpoint_dir
 from storage import DatasetRef
 from tasks import posttrain, reconstruct
+from tasks.benchmark import paired_delta
+from tasks.common import read
 from tasks.report import headline_of
 
 ARMS = {
@@ -23,7 +25,9 @@ ARMS = {
                  "posttrain": {"objective": "sft"}},
     # the full mixture whatever the recipe's own (tiny.yaml trains generation only)
     "cpr": {"reconstruct": {"mixture": ReconstructConfig().mixture}, "posttrain": {"objective": "sft"}},
-    "dpo": {"reconstruct": {"mixture": ReconstructConfig().mixture}, "posttrain": {"objective": "dpo"}},
+    # DPO at UniCorn's lr: at the SFT recipe's 5e-5 it overfit the ~200 pairs (16 passes) and lost 17 points
+    "dpo": {"reconstruct": {"mixture": ReconstructConfig().mixture},
+            "posttrain": {"objective": "dpo", "lr": 1e-5, "min_lr": 1e-6}},
 }
 KEEP = ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreement", "unicycle_soft",
         "best_of_n_self", "und_acc_perturbed")
@@ -41,16 +45,21 @@ def ablate_cpr_flow(config: CycleConfig) -> dict[str, dict[str, Any]]:
     generate_flow(config)
     refs = {k: DatasetRef.model_validate(v) for k, v in load_run_state(config.run.store, config.run.name)["refs"].items()}
     parent_dir = resolve_checkpoint_dir(config.model, config.run.store)
+    base = benchmark_task("base", config, ctx)
+    base_items = read(base["benchmark_items"]).to_pylist()
     out = {"base": {"checkpoint_id": ctx.model_id,
-                    **{k: v for k, v in headline_of(benchmark_task("base", config, ctx)["benchmark"]).items()
-                       if k in KEEP}}}
+                    **{k: v for k, v in headline_of(base["benchmark"]).items() if k in KEEP}}}
     for name, arm in ARMS.items():
         cfg = _arm_config(config, arm)
         cpr = reconstruct.run({k: refs[k] for k in ("prompts", "rollouts", "judgements", "selections")},
                               cfg.reconstruct, ctx)
         trained = posttrain.run(cpr, cfg.posttrain, ctx, parent_dir, cfg.model.registry_line)
         child_cfg, child_ctx = _child_context(cfg, ctx, trained["dir"])
-        m = headline_of(benchmark_task(name, child_cfg, child_ctx)["benchmark"])
+        bench = benchmark_task(name, child_cfg, child_ctx)
+        m = headline_of(bench["benchmark"])
+        # same prompts and seeds as the base: a paired interval says whether the change is more than noise
+        d = paired_delta(base_items, read(bench["benchmark_items"]).to_pylist(), "gen_acc_oracle", config.benchmark)
         out[name] = {"checkpoint_id": trained["checkpoint_id"], **{k: v for k, v in m.items() if k in KEEP},
+                     "gen_acc_oracle_delta_ci95": [round(d["ci_low"], 4), round(d["ci_high"], 4)],
                      "train_examples": trained["metrics"]["train_examples"]}
     return out

@@ -28,3 +28,6 @@ def test_ablate_cpr_prints_the_four_arms_as_json(tmp_path, prefect_api):
         assert reg.require(out[arm]["checkpoint_id"]).parent == out["base"]["checkpoint_id"]
     # the CPR arm trains the four kinds whatever the recipe's own mixture (tiny.yaml: generation only)
     assert out["cpr"]["train_examples"] > 2 * out["gen_only"]["train_examples"]
+    for arm in ("gen_only", "cpr", "dpo"):  # the paired interval of the change brackets the change
+        lo, hi = out[arm]["gen_acc_oracle_delta_ci95"]
+        assert lo - 1e-3 <= out[arm]["gen_acc_oracle"] - out["base"]["gen_acc_oracle"] <= hi + 1e-3

@@ -491,13 +491,13 @@ class EmbeddedUMM:
         raise ValueError(f"unknown CPR kind {k!r} (expected one of generation, caption, judgement, reflection)")
 
     def _judgement_seqs(self, ex: CPRExample):
-        """Judgement = the judge's per-fact yes/no answers on the image, recovered from its reasoning, then its
-        score for the prompt.
+        """Judgement = the judge's per-fact yes/no answers on the image, recovered from its reasoning.
 
         The prompt is `meta['prompt']` if given, else `input_text`. The target reasoning is parsed with
         the world's `parse_reasoning`; each checked fact becomes a question whose answer is what the
-        judge concluded (the fact's expected answer when it held, the opposite when it failed); a last
-        question ("score : <prompt>") asks for the 0-10 score the judge gave.
+        judge concluded (the fact's expected answer when it held, the opposite when it failed). The score
+        is not a target: this judge computes it from the verdicts with the rubric, and training the model
+        to say it (tried) cost generation accuracy and judge agreement.
         """
         from model.world import facts as world_facts, parse, parse_reasoning
         v = self.vocab
@@ -512,7 +512,7 @@ class EmbeddedUMM:
         got = parse_reasoning(ex.target_text or "")
         if not r.ok or got is None:
             return []
-        fact_ok, score = got
+        fact_ok, _ = got
         fs = list(world_facts(r.spec))
         if len(fs) != len(fact_ok):
             return []
@@ -521,8 +521,6 @@ class EmbeddedUMM:
         for f, ok in zip(fs, fact_ok):
             ans = f.expected if ok else ("no" if f.expected == "yes" else "yes")
             qa.append((self.text_ids(f.question), self.text_ids(ans)))
-        # then the score for the whole prompt, after the verdicts it follows from (reasoning, then score)
-        qa.append((self.text_ids(f"score : {prompt}"), self.text_ids(str(score))))
         return [S.question_seq(v, codes, qa[i:i + 4]) for i in range(0, len(qa), 4)]
 
     def loss(self, examples: list[CPRExample], weights: dict[str, float] | None = None):
