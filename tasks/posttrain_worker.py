@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from configs.schema import PosttrainConfig
 from model.protocol import CPRExample
+from model.schedule import warmup_cosine
 from storage import DatasetRef, from_png
 from tasks.common import read, stable_seed
 
@@ -33,12 +33,9 @@ PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16, for MFU
 
 
 def lr_at(step: int, cfg: PosttrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant" and step >= cfg.warmup_steps:
         return cfg.lr
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+    return warmup_cosine(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
 
 
 def load_examples(ref: dict, split: str) -> list[CPRExample]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import queue
 import random
@@ -31,6 +30,7 @@ from configs.loader import Strict, load_config
 from model.embedded import sequences as S
 from model.embedded.data import CorpusBuilder, DataMix, build_corpus, fit_codebook
 from model.embedded.umm import EmbeddedModelConfig, EmbeddedUMM
+from model.schedule import warmup_cosine
 
 
 class TokenizerConfig(Strict):
@@ -120,10 +120,7 @@ def resolve_device(name: str) -> torch.device:
 def lr_at(step: int, o: OptimConfig, time_frac: float = 0.0) -> float:
     """Linear warm-up, then cosine decay to min_lr over the run's progress: the larger of the step
     fraction and `time_frac` (the share of the time budget spent), so a time-limited run still decays."""
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    t = max((step - o.warmup) / max(1, o.steps - o.warmup), time_frac)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    return warmup_cosine(step, o.lr, o.min_lr, o.warmup, o.steps, time_frac)
 
 
 class _Refresher:
