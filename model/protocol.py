@@ -72,8 +72,10 @@ class UnifiedModel(Protocol):
                 top_k: int | None = None) -> list[Image.Image]:
         """A corrected image for each (prompt, flawed image)."""
 
-    def loss(self, examples: list[CPRExample]) -> Any:
-        """Mean training loss (a scalar tensor with grad) over a batch of CPR examples of any kinds."""
+    def loss(self, examples: list[CPRExample], weights: dict[str, float] | None = None) -> Any:
+        """Mean training loss (a scalar tensor with grad) over a batch of CPR examples of any kinds: each kind's
+        token-mean loss, weighted by its number of examples in the batch times `weights[kind]` (over the
+        backend's defaults), so the CPR mixture sets each kind's share of the gradient."""
 
     # Optional: a backend whose prompt language has a grammar says which proposals are valid.
     # `canonical_prompt(text) -> (canonical_text | None, category | None, invalid_reason | None)`;
