@@ -14,6 +14,18 @@ from typing import Any
 import torch
 
 
+def emit(result: dict, out: str | None) -> None:
+    """A bench script's result: one JSON line on stdout (the last line), also written to `out` if given."""
+    import json
+    from pathlib import Path
+
+    line = json.dumps(result)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(line + "\n")
+    print(line, flush=True)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -70,7 +82,10 @@ def bench_prompts(n: int, seed: int = 0) -> list[str]:
 
 @torch.no_grad()
 def time_engine(umm, prompts: list[str], samples: int, cfg_scale: float, batch: int, temperature: float = 1.0,
-                top_k: int | None = None, decode: bool = False) -> dict[str, Any]:
+                top_k: int | None = None, decode: bool = False, reference: torch.Tensor | None = None
+                ) -> tuple[dict[str, Any], torch.Tensor]:
+    """The engine on every prompt x sample (seeds 0..n-1). `reference`: tokens of another engine setting for the
+    same seeds; the share of equal tokens is reported."""
     P = [p for p in prompts for _ in range(samples)]
     seeds = list(range(len(P)))
     cond = [umm._gen_prefix(p) for p in P]
@@ -84,8 +99,13 @@ def time_engine(umm, prompts: list[str], samples: int, cfg_scale: float, batch: 
     codes = umm.sample_codes(cond, uncond, seeds, [cfg_scale] * len(P), temperature, top_k)
     _sync()
     s = time.perf_counter() - t0
-    out = {"images": len(P), "batch": batch, "tokens_s": round(s, 3), "images_per_s": round(len(P) / s, 2),
-           "first_call_s": round(warm_s, 2)}
+    eng = umm.engine
+    out = {"images": len(P), "batch": batch, "attn": eng._state.attn, "kv_cache": eng.kv_cache,
+           "tokens_s": round(s, 3), "images_per_s": round(len(P) / s, 2), "first_call_s": round(warm_s, 2)}
+    if reference is not None:
+        same = codes.cpu() == reference
+        out["token_match_vs_reference"] = round(float(same.float().mean()), 4)
+        out["images_identical_vs_reference"] = int(same.all(-1).sum())
     if decode:
         t0 = time.perf_counter()
         umm.decode_codes(codes)
@@ -98,7 +118,7 @@ def time_engine(umm, prompts: list[str], samples: int, cfg_scale: float, batch: 
         out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     umm.engine.release()
     _free()
-    return out
+    return out, codes.cpu()
 
 
 @torch.no_grad()
@@ -153,7 +173,9 @@ def compare_with_generate(umm, prompts: list[str], seeds: list[int], cfg_scale: 
 
 def bench_rollout(config: str, random_weights: bool = True, prompts: int = 32, samples: int = 8,
                   cfg_scale: float = 5.0, batches: tuple[int, ...] = (256,), generate: bool = True,
-                  compare: int = 0, decode: bool = True, overrides=None) -> dict[str, Any]:
+                  compare: int = 0, decode: bool = True, overrides=None, fp8: bool = True) -> dict[str, Any]:
+    """The engine as configured (`images_per_s`: its best batch), `generate` on the same prompts, and (fp8) the
+    opt-in fp8 KV cache at the first batch, with the share of its tokens equal to the configured engine's."""
     cfg, umm = load_for_bench(config, random_weights, overrides=overrides)
     ps = bench_prompts(prompts)
     res: dict[str, Any] = {"config": config, "random_weights": bool(random_weights or cfg.model.random_weights),
@@ -162,10 +184,12 @@ def bench_rollout(config: str, random_weights: bool = True, prompts: int = 32, s
                            "prompts": prompts, "samples_per_prompt": samples, "cfg_scale": cfg_scale,
                            "tokens_per_image": umm.n_image_tokens, "sampler": umm.settings.sampler,
                            "transformers": __import__("transformers").__version__, "torch": torch.__version__}
-    runs = []
+    runs, first = [], None
     for i, b in enumerate(batches):
         try:
-            runs.append(time_engine(umm, ps, samples, cfg_scale, b, decode=decode and i == 0))
+            r, codes = time_engine(umm, ps, samples, cfg_scale, b, decode=decode and i == 0)
+            runs.append(r)
+            first = codes if first is None else first
         except torch.OutOfMemoryError as exc:  # a batch too large for this GPU: say so, try the next
             umm.engine.release()
             _free()
@@ -173,6 +197,12 @@ def bench_rollout(config: str, random_weights: bool = True, prompts: int = 32, s
     best = max(runs, key=lambda r: r["images_per_s"])
     res["engine"] = runs
     res["images_per_s"] = best["images_per_s"]
+    if fp8 and first is not None and umm.engine.kv_cache != "fp8":
+        umm.engine.kv_cache = "fp8"
+        try:
+            res["engine_fp8_kv"] = time_engine(umm, ps, samples, cfg_scale, runs[0]["batch"], reference=first)[0]
+        finally:
+            umm.engine.kv_cache = "model"
     if generate:
         res["generate"] = time_generate(umm, ps, samples, cfg_scale)
         res["generate_images_per_s"] = res["generate"]["images_per_s"]
@@ -200,16 +230,21 @@ class T2IStep(torch.nn.Module):
         super().__init__()
         self.net = umm.net
         self.umm = umm
+        self.ce_chunk = 0
 
     def forward(self, prompt_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         emb = self.net.get_input_embeddings()(prompt_ids)
-        return self.umm.image_ce(list(emb), codes)
+        return self.umm.image_ce(list(emb), codes, self.ce_chunk)
 
 
 def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: int = 32, steps: int = 10,
                 warmup: int = 3, prompt_tokens: int = 32, zero_stage: int = 2, compile_layers: bool = False,
-                overrides=None) -> dict[str, Any]:
-    """DeepSpeed ZeRO bf16 text-to-image training steps of the configured shape on one GPU, random weights."""
+                ce_chunk: int = 0, ds_overrides: dict[str, Any] | None = None, overrides=None) -> dict[str, Any]:
+    """DeepSpeed ZeRO bf16 text-to-image training steps of the configured shape on one GPU, random weights.
+
+    ce_chunk: JanusUMM.image_ce's chunked head + cross-entropy; ds_overrides: dotted DeepSpeed config keys
+    (e.g. {"zero_optimization.overlap_comm": False}). The step is timed whole and in its three parts
+    (forward, backward, optimizer step: synchronised after each)."""
     import os
 
     import deepspeed
@@ -227,6 +262,7 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
         for layer in umm.net.model.language_model.layers:
             layer.compile()
     model = T2IStep(umm)
+    model.ce_chunk = ce_chunk
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
     ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -234,23 +270,34 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
                                                           "overlap_comm": cuda, "reduce_bucket_size": 5e8,
                                                           "allgather_bucket_size": 5e8},
           "bf16": {"enabled": cuda}}
+    for dotted, value in (ds_overrides or {}).items():
+        *path, last = dotted.split(".")
+        node = ds
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     dev = engine.device
     N, V = umm.n_image_tokens, umm.net.config.vq_config.num_embeddings
     g = torch.Generator().manual_seed(0)
     vocab = umm.net.config.text_config.vocab_size
-    times, losses = [], []
+    times, parts, losses = [], [], []
     for i in range(warmup + steps):
         ids = torch.randint(0, min(vocab, 256), (micro_batch, prompt_tokens), generator=g).to(dev)
         codes = torch.randint(0, V, (micro_batch, N), generator=g).to(dev)
         _sync()
         t0 = time.perf_counter()
         loss = engine(ids, codes)
+        _sync()
+        t1 = time.perf_counter()
         engine.backward(loss)
+        _sync()
+        t2 = time.perf_counter()
         engine.step()
         _sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
             losses.append(float(loss))
     step_s = sum(times) / len(times)
     tokens = micro_batch * (prompt_tokens + N)
@@ -261,7 +308,12 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
            "tokens_per_s": round(tokens / step_s, 1), "params_total": umm.num_params(),
            "params_trainable": sum(p.numel() for p in params), "params_on_path": n_path,
            "mfu": round(6 * n_path * tokens / step_s / 989e12, 4), "loss_first": round(losses[0], 4),
-           "loss_last": round(losses[-1], 4), "compile_layers": compile_layers}
+           "loss_last": round(losses[-1], 4), "compile_layers": compile_layers, "ce_chunk": ce_chunk,
+           "ds_overrides": ds_overrides or {},
+           "forward_s": round(sum(p[0] for p in parts) / len(parts), 4),
+           "backward_s": round(sum(p[1] for p in parts) / len(parts), 4),
+           "optimizer_s": round(sum(p[2] for p in parts) / len(parts), 4),
+           "attn_implementation": umm.net.config.text_config._attn_implementation}
     if cuda:
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     return res
@@ -279,6 +331,7 @@ if __name__ == "__main__":  # python -m model.janus.bench CONFIG [--no-generate]
     ap.add_argument("--batch", type=int, action="append")
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--compare", type=int, default=0)
+    ap.add_argument("--no-fp8", action="store_true", help="skip the fp8 KV cache run")
     a = ap.parse_args()
     print(json.dumps(bench_rollout(a.config, True, a.prompts, a.samples, a.cfg_scale, tuple(a.batch or [256]),
-                                   not a.no_generate, a.compare)), flush=True)
+                                   not a.no_generate, a.compare, fp8=not a.no_fp8)), flush=True)

@@ -47,6 +47,9 @@ class Settings(Strict):
 
     sampler: Literal["hash", "torch"] = "hash"
     image_batch: int = Field(64, ge=1, description="images per rollout-engine call")
+    kv_cache: Literal["model", "fp8"] = Field(
+        "model", description="rollout KV cache: the model's dtype, or fp8 e4m3 with per-vector scales (about half "
+        "the bytes read per decoding step; changes some sampled tokens, see the README)")
     text_batch: int = Field(16, ge=1, description="sequences per text-generation batch")
     propose_tokens: int = Field(40, ge=1)
     answer_tokens: int = Field(24, ge=1)
@@ -213,7 +216,7 @@ class JanusUMM:
     @property
     def engine(self) -> ImageRollout:
         if self._engine is None:
-            self._engine = ImageRollout(self.net)
+            self._engine = ImageRollout(self.net, kv_cache=self.settings.kv_cache)
         return self._engine
 
     @property
@@ -480,6 +483,10 @@ class JanusUMM:
     # ------------------------------------------------------------------ training
     def _image_hidden(self, prefixes: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
         """Generation-head logits (B, N, V) predicting each code from its prefix and the codes before it."""
+        return self.net.model.generation_head(self._image_states(prefixes, codes))
+
+    def _image_states(self, prefixes: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, N, D) that predict each code (the generation head's input)."""
         B, N = codes.shape
         L = max(p.shape[0] for p in prefixes)
         D = prefixes[0].shape[1]
@@ -494,11 +501,27 @@ class JanusUMM:
         pos = (am.cumsum(-1) - 1).clamp(min=0)
         h = self.net.model.language_model(inputs_embeds=x, attention_mask=am if padded else None,
                                           position_ids=pos, use_cache=False).last_hidden_state
-        return self.net.model.generation_head(h[:, L - 1:L - 1 + N])
+        return h[:, L - 1:L - 1 + N]
 
-    def image_ce(self, prefixes: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
-        logits = self._image_hidden(prefixes, codes)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    def image_ce(self, prefixes: list[torch.Tensor], codes: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Mean cross-entropy of the codes. chunk > 0: the generation head and an fp32 cross-entropy run per
+        `chunk` tokens under activation checkpointing, so no (B*N, V) logits tensor is kept for backward (about
+        3.6 GB at 32 x 576 codes of 16k) at the price of recomputing the head's forward."""
+        if chunk <= 0:
+            logits = self._image_hidden(prefixes, codes)
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        h = self._image_states(prefixes, codes).reshape(-1, self.net.config.text_config.hidden_size)
+        y = codes.reshape(-1)
+        head = self.net.model.generation_head
+
+        def part(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(hc).float(), yc, reduction="sum")
+
+        from torch.utils.checkpoint import checkpoint
+
+        total = sum(checkpoint(part, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+                    for i in range(0, y.numel(), chunk))
+        return total / y.numel()
 
     def image_logprob(self, prefixes: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
         """Sum of log-probabilities of each image's codes given its prefix (B,), with grad."""
@@ -548,7 +571,8 @@ class JanusUMM:
         return ex.kind, [(range(n), None)]
 
     def loss(self, examples: list[CPRExample], weights: dict[str, float] | None = None) -> torch.Tensor:
-        """Mean training loss over CPR examples of any kinds: each kind's mean token loss, weighted."""
+        """Mean training loss over CPR examples of any kinds: each kind's mean token loss, weighted by its
+        number of examples in the batch times its weight (the mixture sets each kind's share of the gradient)."""
         by: dict[str, list[CPRExample]] = {}
         for ex in examples:
             if ex.kind not in ("generation", "caption", "judgement", "reflection", "question"):
@@ -559,7 +583,7 @@ class JanusUMM:
         total, wsum = None, 0.0
         for kind, exs in by.items():
             lk = self.kind_loss(kind, exs)
-            wk = float(w.get(kind, 1.0))
+            wk = float(w.get(kind, 1.0)) * len(exs)
             total = lk * wk if total is None else total + lk * wk
             wsum += wk
         if total is None:
