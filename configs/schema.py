@@ -142,8 +142,8 @@ class PosttrainConfig(Strict):
     dpo_beta: float = Field(0.1, gt=0)
     dpo_nll_weight: float = Field(1.0, ge=0)
     loss_weights: dict[Literal["generation", "caption", "judgement", "reflection"], float] = Field(
-        default_factory=dict, description="per-kind SFT loss weights over the backend's own defaults (each kind's "
-        "loss is a mean over its target tokens); a heavier judgement keeps the judge from eroding")
+        default_factory=dict, description="per-kind SFT loss weights over the backend's own defaults; each kind's "
+        "token-mean loss counts as many times as the batch has examples of that kind, times its weight")
     seed: int = Field(0, ge=0)
     timeout_s: int = Field(3600, ge=10)
 

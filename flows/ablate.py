@@ -20,14 +20,13 @@ from tasks.benchmark import paired_delta
 from tasks.common import read
 from tasks.report import headline_of
 
+FULL_MIXTURE = ReconstructConfig().mixture  # UniCorn's 5:5:3:1, whatever the recipe's own (tiny.yaml: generation only)
 ARMS = {
     "gen_only": {"reconstruct": {"mixture": {"generation": 1, "caption": 0, "judgement": 0, "reflection": 0}},
                  "posttrain": {"objective": "sft"}},
-    # the full mixture whatever the recipe's own (tiny.yaml trains generation only)
-    "cpr": {"reconstruct": {"mixture": ReconstructConfig().mixture}, "posttrain": {"objective": "sft"}},
+    "cpr": {"reconstruct": {"mixture": FULL_MIXTURE}, "posttrain": {"objective": "sft"}},
     # DPO at UniCorn's lr: at the SFT recipe's 5e-5 it overfit the ~200 pairs (16 passes) and lost 17 points
-    "dpo": {"reconstruct": {"mixture": ReconstructConfig().mixture},
-            "posttrain": {"objective": "dpo", "lr": 1e-5, "min_lr": 1e-6}},
+    "dpo": {"reconstruct": {"mixture": FULL_MIXTURE}, "posttrain": {"objective": "dpo", "lr": 1e-5, "min_lr": 1e-6}},
 }
 KEEP = ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreement", "unicycle_soft",
         "best_of_n_self", "und_acc_perturbed")

@@ -17,7 +17,6 @@ optimizer step, ~75 ms whatever the batch, is spread over more tokens) and the c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,8 +35,8 @@ def main() -> None:
                     help="torch.compile each decoder layer")
     ap.add_argument("--ce-chunk", type=int, default=4096,
                     help="generation head + fp32 cross-entropy per N tokens under checkpointing (0: whole)")
-    ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
-                    help="DeepSpeed config override, dotted key, JSON value (repeatable)")
+    ap.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
+                    help="DeepSpeed config override, dotted key, YAML value (repeatable)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args()
     import torch
@@ -47,8 +46,7 @@ def main() -> None:
     from model.janus.bench import bench_train, emit
 
     res = bench_train(a.config, a.micro_batch, a.steps, a.warmup, zero_stage=a.zero_stage,
-                      compile_layers=a.compile_layers, ce_chunk=a.ce_chunk,
-                      ds_overrides={k: json.loads(v) for k, v in (d.split("=", 1) for d in a.ds)})
+                      compile_layers=a.compile_layers, ce_chunk=a.ce_chunk, ds_overrides=a.ds)
     emit(res, a.out)
 
 

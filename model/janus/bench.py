@@ -226,11 +226,11 @@ def params_on_path(umm) -> int:
 class T2IStep(torch.nn.Module):
     """The text-to-image loss of JanusUMM on token tensors (prompt ids (B, P), codes (B, N)): what DeepSpeed trains."""
 
-    def __init__(self, umm):
+    def __init__(self, umm, ce_chunk: int = 0):
         super().__init__()
         self.net = umm.net
         self.umm = umm
-        self.ce_chunk = 0
+        self.ce_chunk = ce_chunk
 
     def forward(self, prompt_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         emb = self.net.get_input_embeddings()(prompt_ids)
@@ -239,15 +239,17 @@ class T2IStep(torch.nn.Module):
 
 def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: int = 32, steps: int = 10,
                 warmup: int = 3, prompt_tokens: int = 32, zero_stage: int = 2, compile_layers: bool = False,
-                ce_chunk: int = 0, ds_overrides: dict[str, Any] | None = None, overrides=None) -> dict[str, Any]:
+                ce_chunk: int = 0, ds_overrides: list[str] | None = None, overrides=None) -> dict[str, Any]:
     """DeepSpeed ZeRO bf16 text-to-image training steps of the configured shape on one GPU, random weights.
 
-    ce_chunk: JanusUMM.image_ce's chunked head + cross-entropy; ds_overrides: dotted DeepSpeed config keys
-    (e.g. {"zero_optimization.overlap_comm": False}). The step is timed whole and in its three parts
-    (forward, backward, optimizer step: synchronised after each)."""
+    ce_chunk: JanusUMM.image_ce's chunked head + cross-entropy; ds_overrides: DeepSpeed config overrides in the
+    recipes' `dotted.key=value` syntax (e.g. "zero_optimization.overlap_comm=false"). The step is timed whole
+    and in its three parts (forward, backward, optimizer step: synchronised after each)."""
     import os
 
     import deepspeed
+
+    from configs.loader import apply_overrides
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -261,8 +263,7 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
     if compile_layers:
         for layer in umm.net.model.language_model.layers:
             layer.compile()
-    model = T2IStep(umm)
-    model.ce_chunk = ce_chunk
+    model = T2IStep(umm, ce_chunk)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
     ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -270,12 +271,7 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
                                                           "overlap_comm": cuda, "reduce_bucket_size": 5e8,
                                                           "allgather_bucket_size": 5e8},
           "bf16": {"enabled": cuda}}
-    for dotted, value in (ds_overrides or {}).items():
-        *path, last = dotted.split(".")
-        node = ds
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+    apply_overrides(ds, list(ds_overrides or []), "--ds")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     dev = engine.device
     N, V = umm.n_image_tokens, umm.net.config.vq_config.num_embeddings
@@ -309,7 +305,7 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
            "params_trainable": sum(p.numel() for p in params), "params_on_path": n_path,
            "mfu": round(6 * n_path * tokens / step_s / 989e12, 4), "loss_first": round(losses[0], 4),
            "loss_last": round(losses[-1], 4), "compile_layers": compile_layers, "ce_chunk": ce_chunk,
-           "ds_overrides": ds_overrides or {},
+           "ds_overrides": list(ds_overrides or []),
            "forward_s": round(sum(p[0] for p in parts) / len(parts), 4),
            "backward_s": round(sum(p[1] for p in parts) / len(parts), 4),
            "optimizer_s": round(sum(p[2] for p in parts) / len(parts), 4),
