@@ -144,6 +144,8 @@ class PosttrainConfig(Strict):
     loss_weights: dict[Literal["generation", "caption", "judgement", "reflection"], float] = Field(
         default_factory=dict, description="per-kind SFT loss weights over the backend's own defaults; each kind's "
         "token-mean loss counts as many times as the batch has examples of that kind, times its weight")
+    freeze: list[str] = Field(default_factory=list, description="parameters that stay fixed: fnmatch patterns over "
+                              "the backend module's parameter names (e.g. 'fac_*', 'blocks.0.*'); each must match one")
     seed: int = Field(0, ge=0)
     timeout_s: int = Field(3600, ge=10)
 

@@ -95,6 +95,10 @@ def _print_cycle(summary: dict) -> None:
     console = Console(stderr=True)
     console.print(table)
     console.print(summary["reason"])
+    j = summary.get("delta_judge_on_parent_images")
+    if j:
+        console.print(f"the judge alone, on the parent's images: {j['delta']:+.4f} "
+                      f"(95 % CI [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}])")
     console.print(f"report: {summary['report']}")
 
 
@@ -107,7 +111,7 @@ def run(config: ConfigPath, overrides: Overrides = None) -> None:
     summary = cycle_flow(cfg)
     _print_cycle(summary)
     keep = ("gen_acc_oracle", "und_acc_gt", "non_unification", "unicycle_soft", "unicycle_hard",
-            "judge_oracle_agreement", "best_of_n_self", "checkpoint_id")
+            "judge_oracle_agreement", "judge_agreement_on_parent_images", "best_of_n_self", "checkpoint_id")
     typer.echo(json.dumps({"parent": {k: summary["parent"].get(k) for k in keep},
                            "child": {k: summary["child"].get(k) for k in keep},
                            "promoted": summary["promoted"], "run": summary["run"]}))
@@ -133,12 +137,31 @@ app.add_typer(ablate_app, name="ablate")
 
 @ablate_app.command("cpr")
 def ablate_cpr(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Path("configs/cycle/tiny.yaml"),
-               overrides: Overrides = None) -> None:
+               overrides: Overrides = None,
+               cpr_mixture: Annotated[Optional[list[str]], typer.Option(
+                   help="KIND=WEIGHT over UniCorn's 5:5:3:1 for the cpr arm (repeatable), e.g. reflection=0")] = None
+               ) -> None:
     """Generation-only SFT vs the CPR mixture vs DPO on the same self-generated data (JSON last line)."""
     cfg = load_cycle_config(config, overrides)
-    from flows.ablate import ablate_cpr_flow
+    from pydantic import ValidationError
 
-    typer.echo(json.dumps(ablate_cpr_flow(cfg)))
+    from configs.schema import ReconstructConfig
+    from flows.ablate import FULL_MIXTURE, ablate_cpr_flow
+
+    mixture = dict(FULL_MIXTURE)
+    for item in cpr_mixture or []:
+        kind, sep, weight = item.partition("=")
+        if not sep:
+            fail(f"--cpr-mixture {item!r}: expected KIND=WEIGHT")
+        try:
+            mixture[kind.strip()] = float(weight)
+        except ValueError:
+            fail(f"--cpr-mixture {item!r}: {weight!r} is not a number")
+    try:
+        ReconstructConfig(mixture=mixture)
+    except ValidationError as exc:
+        fail(f"--cpr-mixture: {exc.errors()[0]['msg']} (got {mixture})")
+    typer.echo(json.dumps(ablate_cpr_flow(cfg, mixture)))
 
 
 @app.command("generate")

@@ -161,6 +161,12 @@ def benchmark_task(which: str, cfg: CycleConfig, ctx: StageContext) -> dict[str,
     return benchmark.run(cfg.benchmark, ctx)
 
 
+@task(name="judge on parent images", cache_policy=NO_CACHE)
+def judge_shift_task(parent_items: DatasetRef, cfg: CycleConfig, child_ctx: StageContext) -> dict:
+    """The child's judge on the parent's benchmark images: the judge's own change, images held fixed."""
+    return benchmark.judge_on_images(parent_items, cfg.benchmark, child_ctx)
+
+
 def _child_context(cfg: CycleConfig, parent: StageContext, child_dir: str) -> tuple[CycleConfig, StageContext]:
     child_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": child_dir})})
     return child_cfg, make_context(child_cfg)
@@ -209,7 +215,11 @@ def cycle_flow(config: CycleConfig, previous: dict[str, Any] | None = None) -> d
     parent_items = read(parent_bench["benchmark_items"]).to_pylist()
     child_items = read(child_bench["benchmark_items"]).to_pylist()
     parent_m, child_m = headline_of(parent_bench["benchmark"]), headline_of(child_bench["benchmark"])
+    shift = judge_shift_task(parent_bench["benchmark_items"], child_cfg, child_ctx)
+    parent_m[report.JUDGE_FIXED] = parent_m["judge_oracle_agreement"]  # on its own images, which are the fixed ones
+    child_m[report.JUDGE_FIXED] = shift["judge_oracle_agreement"]
     promoted, why, deltas = report.gate(parent_items, child_items, parent_m, child_m, cfg.gate, cfg.benchmark)
+    deltas["judge"] = shift["delta"]
     reg.update_metrics(trained["checkpoint_id"], {"benchmark": child_m, "gate": why})
     reg.update_metrics(parent_meta.checkpoint_id, {"benchmark": parent_m})
     if promoted:
@@ -231,7 +241,8 @@ def cycle_flow(config: CycleConfig, previous: dict[str, Any] | None = None) -> d
     summary = {"parent": {"checkpoint_id": ctx.model_id, **parent_m},
                "child": {"checkpoint_id": trained["checkpoint_id"], **child_m},
                "promoted": promoted, "reason": why, "run": cfg.run.name, "cycle": cfg.run.cycle,
-               "delta_gen_acc_oracle": deltas["gen"], "report": str(out / "report.md"),
+               "delta_gen_acc_oracle": deltas["gen"], "delta_judge_on_parent_images": deltas["judge"],
+               "report": str(out / "report.md"),
                "posttrain": {k: trained["metrics"].get(k) for k in ("train_s", "tokens_per_s", "heldout_before",
                                                                     "heldout_after", "world_size")},
                "generation": {k: gen[k] for k in ("propose", "judge")}}

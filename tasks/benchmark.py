@@ -8,8 +8,12 @@ suite, so parent and child draw with the same seeds and their difference is pair
   judge_oracle_agreement;
 - unicycle_soft / unicycle_hard: the model answers the prompt's questions from its own image;
 - und_acc_gt: yes/no fact questions on true renders of the prompt, und_acc_perturbed: on minimally wrong ones.
-Two datasets: `benchmark_items` (one row per prompt, for paired comparisons) and `benchmark` (metric rows with
-bootstrap 95 % intervals over prompts).
+Two datasets: `benchmark_items` (one row per prompt with its images, for paired comparisons) and `benchmark`
+(metric rows with bootstrap 95 % intervals over prompts).
+
+`judge_on_images` re-judges another checkpoint's benchmark images with this model. A child draws different
+images from its parent, so its judge_oracle_agreement mixes a change of judge with a change of what is judged;
+on the parent's images, only the judge differs.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import random
 import numpy as np
 import pyarrow as pa
 from configs.schema import BenchmarkConfig
-from storage import DatasetRef
+from storage import DatasetRef, from_png, to_png
 from tasks.common import StageContext, make_plan, read, run_stage, stable_seed
 
 NAME = "benchmark"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: items keep their images (PNG) for judge_on_images
 SUITE = "shapeworld-heldout-v1"
 SHARED_RUN = "benchmarks"  # a checkpoint's benchmark is the same in every run: one copy, reused by all
 
@@ -54,7 +58,8 @@ def suite_canonical(cfg: BenchmarkConfig | None = None) -> set[str]:
 ITEMS = pa.schema([("prompt_id", pa.string()), ("category", pa.string()), ("prompt", pa.string()),
                    ("oracle_ok", pa.list_(pa.bool_())), ("self_score", pa.list_(pa.int32())),
                    ("unicycle_soft", pa.float64()), ("unicycle_hard", pa.float64()),
-                   ("und_true", pa.float64()), ("und_perturbed", pa.float64()), ("checkpoint_id", pa.string())])
+                   ("und_true", pa.float64()), ("und_perturbed", pa.float64()), ("checkpoint_id", pa.string()),
+                   ("images", pa.list_(pa.binary()))])
 METRICS = pa.schema([("suite", pa.string()), ("metric", pa.string()), ("category", pa.string()),
                      ("checkpoint_id", pa.string()), ("value", pa.float64()), ("ci_low", pa.float64()),
                      ("ci_high", pa.float64()), ("n", pa.int64())])
@@ -110,8 +115,24 @@ def measure(model, cfg: BenchmarkConfig, log=print) -> list[dict]:
                      "unicycle_soft": float(np.mean(credit[i])) if credit[i] else 0.0,
                      "unicycle_hard": float(all(c == 1.0 for c in credit[i])) if credit[i] else 0.0,
                      "und_true": float(np.mean(und[(i, "true")])), "und_perturbed": float(np.mean(und[(i, "perturbed")])),
-                     "checkpoint_id": model.model_id})
+                     "checkpoint_id": model.model_id, "images": [to_png(im) for im in images[sl]]})
     return rows
+
+
+def rejudge(model, rows: list[dict], cfg: BenchmarkConfig) -> list[dict]:
+    """`rows` (benchmark items of any checkpoint) with their images scored by `model`'s judge instead.
+
+    Everything but self_score and checkpoint_id stays the images' author's, so only the judge metrics
+    (judge_oracle_agreement, non_unification, best_of_n_self) of the result are the model's."""
+    flat = [(i, s) for i, r in enumerate(rows) for s in range(len(r["images"] or []))]
+    if len(flat) != sum(len(r["oracle_ok"]) for r in rows):
+        raise ValueError("rejudge: these benchmark items carry no images (benchmarked before items kept them)")
+    own = model.judge([rows[i]["prompt"] for i, _ in flat], [from_png(rows[i]["images"][s]) for i, s in flat], None)
+    scores: list[list[int]] = [[] for _ in rows]
+    for (i, _), j in zip(flat, own):
+        scores[i].append(j.score if j.parse_ok else -1)
+    return [{**r, "self_score": scores[i], "checkpoint_id": model.model_id, "images": None}
+            for i, r in enumerate(rows)]
 
 
 def per_prompt(rows: list[dict], threshold: float) -> dict[str, np.ndarray]:
@@ -201,3 +222,16 @@ def run(cfg: BenchmarkConfig, ctx: StageContext, refresh: bool = False) -> dict[
     p_metrics = make_plan(NAME, {"items": items_ref}, cfg, ctx, CODE_VERSION, n_parts=1, uses_model=False,
                           dataset="benchmark", shared_run=SHARED_RUN)
     return {"benchmark_items": items_ref, "benchmark": run_stage(p_metrics, metrics, ctx, refresh)}
+
+
+def judge_on_images(items: DatasetRef, cfg: BenchmarkConfig, ctx: StageContext, refresh: bool = False) -> dict:
+    """The context's judge on the images of `items` (another checkpoint's benchmark), cached, and the paired
+    change of judge_oracle_agreement from that checkpoint's own judge to this one on the same images."""
+    p = make_plan(NAME, {"items": items}, cfg, ctx, CODE_VERSION, n_parts=1, dataset="judge_on_images",
+                  shared_run=SHARED_RUN)
+    author = read(items).to_pylist()
+    ref = run_stage(p, lambda _: pa.Table.from_pylist(rejudge(ctx.model, author, cfg), schema=ITEMS), ctx, refresh)
+    d = paired_delta(author, read(ref).to_pylist(), "judge_oracle_agreement", cfg)
+    value = float(per_prompt(read(ref).to_pylist(), cfg.threshold)["judge_oracle_agreement"].mean())
+    return {"judge_on_images": ref, "images_of": author[0]["checkpoint_id"] if author else None,
+            "judge_oracle_agreement": round(value, 4), "delta": d}

@@ -19,7 +19,7 @@ from storage import DatasetRef, Registry, Store, fingerprint
 from tasks.common import StageContext
 
 NAME = "posttrain"
-CODE_VERSION = "3"  # 2: EMA leaves integer buffers alone; 3: mixture-weighted loss
+CODE_VERSION = "4"  # 2: EMA leaves integer buffers alone; 3: mixture-weighted loss; 4: judgement one fact a sequence
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,7 @@ anything, and ends at the configured step count.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import random
@@ -67,6 +68,18 @@ class Objective(torch.nn.Module):
             return self.umm.dpo_loss(examples, self.reference, beta=self.cfg.dpo_beta,
                                      nll_weight=self.cfg.dpo_nll_weight)
         return self.umm.loss(examples, self.cfg.loss_weights or None)
+
+
+def freeze_parameters(net: torch.nn.Module, patterns: list[str]) -> None:
+    """Keep the parameters whose names match a pattern fixed (no gradient, no optimizer state)."""
+    names = [n for n, _ in net.named_parameters()]
+    for pat in patterns:
+        if not fnmatch.filter(names, pat):
+            raise ValueError(f"posttrain.freeze: {pat!r} matches no parameter of the model "
+                             f"(names look like {', '.join(names[:4])}, ...)")
+    for n, p in net.named_parameters():
+        if any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+            p.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -171,6 +184,7 @@ def main(job_path: str) -> None:
     if not train:
         raise SystemExit(f"posttrain: no training examples in {DatasetRef.model_validate(source).name}")
 
+    freeze_parameters(umm.net, cfg.freeze)
     model = Objective(umm, cfg, reference)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=cfg.betas, weight_decay=cfg.weight_decay)

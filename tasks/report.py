@@ -21,9 +21,11 @@ from storage import DatasetRef, from_png  # noqa: E402
 from tasks.benchmark import headline, paired_delta  # noqa: E402
 from tasks.common import read  # noqa: E402
 
+# the judge on the parent's images (a child's own images differ from its parent's: this holds them fixed)
+JUDGE_FIXED = "judge_agreement_on_parent_images"
 TABLE_METRICS = ("gen_acc_oracle", "best_of_n_self", "pass_at_n_oracle", "und_acc_gt", "und_acc_perturbed",
-                 "non_unification", "weak_generation_share", "judge_oracle_agreement", "unicycle_soft",
-                 "unicycle_hard")
+                 "non_unification", "weak_generation_share", "judge_oracle_agreement", JUDGE_FIXED,
+                 "unicycle_soft", "unicycle_hard")
 
 
 def gate(parent_items: list[dict], child_items: list[dict], parent: dict, child: dict, cfg: GateConfig,
@@ -73,7 +75,7 @@ def plot_categories(parent_ref: DatasetRef, child_ref: DatasetRef, path: Path, m
 def plot_history(history: list[dict], path: Path) -> None:
     """Metrics across cycles (history rows: cycle, and metric values of the checkpoint after that cycle)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in ("gen_acc_oracle", "und_acc_gt", "judge_oracle_agreement", "unicycle_soft"):
+    for m in ("gen_acc_oracle", "und_acc_gt", "judge_oracle_agreement", JUDGE_FIXED, "unicycle_soft"):
         ys = [h.get(m) for h in history]
         if any(y is not None for y in ys):
             ax.plot([h["cycle"] for h in history], ys, marker="o", label=m)
@@ -117,7 +119,12 @@ def markdown(run: str, cycle: int, rows: list[dict], why: str, deltas: dict, fil
     lines += [f"| {r['metric']} | {fmt(r['parent'])} | {fmt(r['child'])} | {fmt(r['delta'])} |" for r in rows]
     g = deltas["gen"]
     lines += ["", f"Paired difference of `{g['metric']}` on {g['n']} held-out prompts: {g['delta']:+.4f} "
-                  f"(95 % bootstrap CI [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]).", ""]
+                  f"(95 % bootstrap CI [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}])."]
+    if "judge" in deltas:
+        j = deltas["judge"]
+        lines += ["", f"The judge alone (child's judge vs parent's, both on the parent's images): agreement with "
+                      f"the oracle {j['delta']:+.4f} (95 % CI [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}])."]
+    lines += [""]
     lines += [f"![{name}]({fname})" for name, fname in files.items()]
     return "\n".join(lines) + "\n"
 

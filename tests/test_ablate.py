@@ -14,7 +14,7 @@ def test_ablate_cpr_prints_the_four_arms_as_json(tmp_path, prefect_api):
             "select.threshold=6", "reconstruct.generation_min_score=6", "reconstruct.heldout_share=0.2",
             "posttrain.steps=8", "posttrain.micro_batch=16", "posttrain.checkpoint_every=4",
             "benchmark.prompts_per_category=4", "benchmark.samples=2", "benchmark.bootstrap=200"]
-    res = CliRunner().invoke(app, ["ablate", "cpr", "configs/cycle/tiny.yaml", *over])
+    res = CliRunner().invoke(app, ["ablate", "cpr", "configs/cycle/tiny.yaml", *over, "--cpr-mixture", "reflection=0"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])  # logs and bars go to stderr
     assert list(out) == ["base", "gen_only", "cpr", "dpo"]
@@ -26,8 +26,20 @@ def test_ablate_cpr_prints_the_four_arms_as_json(tmp_path, prefect_api):
     reg = Registry(str(tmp_path))
     for arm in ("gen_only", "cpr", "dpo"):
         assert reg.require(out[arm]["checkpoint_id"]).parent == out["base"]["checkpoint_id"]
-    # the CPR arm trains the four kinds whatever the recipe's own mixture (tiny.yaml: generation only)
+    # the CPR arm trains UniCorn's kinds (here without reflection) whatever the recipe's own mixture
     assert out["cpr"]["train_examples"] > 2 * out["gen_only"]["train_examples"]
+    assert out["cpr"]["mixture"] == {"generation": 5, "caption": 5, "judgement": 3, "reflection": 0}
     for arm in ("gen_only", "cpr", "dpo"):  # the paired interval of the change brackets the change
         lo, hi = out[arm]["gen_acc_oracle_delta_ci95"]
         assert lo - 1e-3 <= out[arm]["gen_acc_oracle"] - out["base"]["gen_acc_oracle"] <= hi + 1e-3
+        # the arm's judge on the base's own images: the interval brackets that change too
+        lo, hi = out[arm]["judge_agreement_on_parent_images_delta_ci95"]
+        change = out[arm]["judge_agreement_on_parent_images"] - out["base"]["judge_oracle_agreement"]
+        assert lo - 1e-3 <= change <= hi + 1e-3
+
+
+def test_ablate_cpr_mixture_option_names_a_bad_kind(tmp_path):
+    res = CliRunner().invoke(app, ["ablate", "cpr", "configs/cycle/tiny.yaml", f"run.store={tmp_path}",
+                                   "--cpr-mixture", "reflexion=0"])
+    assert res.exit_code == 2 and "--cpr-mixture" in res.output and "reflexion" in res.output
+    assert not any(tmp_path.iterdir()), "nothing written for a refused command"

@@ -38,6 +38,11 @@ def test_cycle_summary_registry_report_and_cache(tmp_path, prefect_api):
     report = Path(first["report"])
     text = report.read_text()
     assert "| gen_acc_oracle |" in text and ("not promoted" in text) != first["promoted"]
+    # the child's judge on the parent's images: only the judge differs, and the report says by how much
+    j = first["delta_judge_on_parent_images"]
+    change = first["child"]["judge_agreement_on_parent_images"] - first["parent"]["judge_oracle_agreement"]
+    assert j["delta"] == pytest.approx(change, abs=2e-4) and j["ci_low"] - 1e-9 <= j["delta"] <= j["ci_high"] + 1e-9
+    assert "| judge_agreement_on_parent_images |" in text and "The judge alone" in text
     for png in ("per_category.png", "history.png", "best_worst.png"):
         assert (report.parent / png).stat().st_size > 1000
     again = cycle_flow(cfg)  # everything cached: same checkpoint, same numbers

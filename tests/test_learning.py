@@ -68,21 +68,11 @@ def test_sft_lowers_heldout_loss_on_every_kind_and_registers_lineage(generated):
     out = posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, _posttrain_cfg(), ctx, None)
     m = out["metrics"]
     assert set(m["heldout_before"]) == {"generation", "caption", "judgement", "reflection"}
-    for kind in ("generation", "caption", "reflection"):
+    for kind in ("generation", "caption", "judgement", "reflection"):
         assert m["heldout_after"][kind] < m["heldout_before"][kind], kind
     meta = Registry(str(store)).require(out["checkpoint_id"])
     assert meta.parent == ctx.model_id and meta.data_fingerprint == refs["cpr"].fingerprint
     assert meta.config["steps"] == 40
-
-
-@pytest.mark.xfail(strict=True, reason="known, open in issue 6: the judgement targets are the base judge's own verdicts, "
-                   "already fit to ~0.01 nat/token; on this small mixture (~18 judgement examples, several passes) "
-                   "training overfits them and the held-out loss rises (0.0127 -> 0.0130). On the tiny recipe's "
-                   "data (554 examples) it fell: 0.0136 -> 0.0109")
-def test_sft_lowers_heldout_judgement_loss(generated):
-    store, cfg, ctx, refs = generated
-    m = posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, _posttrain_cfg(), ctx, None)["metrics"]
-    assert m["heldout_after"]["judgement"] < m["heldout_before"]["judgement"]
 
 
 def test_dpo_objective_trains_and_differs_from_sft(generated):
@@ -139,3 +129,20 @@ def test_ema_export_averages_weights_and_keeps_integer_buffers(generated):
         assert torch.equal(child[k], parent[k]), k
     m = out["metrics"]
     assert m["heldout_after"]["generation"] < m["heldout_before"]["generation"]
+
+
+def test_freeze_keeps_matching_parameters_fixed_and_names_a_bad_pattern(generated):
+    from safetensors.torch import load_file
+
+    from model.embedded.umm import BASE_DIR
+
+    store, cfg, ctx, refs = generated
+    inputs = {k: refs[k] for k in ("cpr", "dpo_pairs")}
+    out = posttrain.run(inputs, _posttrain_cfg(steps=6, freeze=["blocks.0.*", "fac_*"]), ctx, None)
+    child = load_file(str(Path(out["dir"]) / "model.safetensors"))
+    parent = load_file(str(BASE_DIR / "model.safetensors"))
+    frozen = [k for k in parent if k.startswith(("blocks.0.", "fac_"))]
+    assert frozen and all(torch.equal(child[k], parent[k]) for k in frozen)
+    assert not torch.equal(child["blocks.1.fc1.weight"], parent["blocks.1.fc1.weight"])  # the rest trained
+    with pytest.raises(RuntimeError, match=r"posttrain.freeze: 'block.*' matches no parameter"):
+        posttrain.run(inputs, _posttrain_cfg(steps=6, freeze=["block.*"]), ctx, None)

@@ -116,6 +116,8 @@ def test_judgement_loss_targets_the_judges_own_answers(base_model, world_batch):
     answers = [base_model.vocab.itos[t] for s, tg in seqs for t, m in zip(s, tg) if m and t != base_model.vocab.EOS]
     assert kind == "question" and len(answers) == len(fact_ok)
     assert set(answers) <= {"yes", "no"}
+    # one fact a sequence, the context the judge asks it in (yes_prob: the image, then one question)
+    assert len(seqs) == len(fact_ok) and all(s.count(base_model.vocab.Q) == 1 for s, _ in seqs)
 
 
 def test_dpo_helpers(base_model, world_batch):
