@@ -30,7 +30,10 @@ ARMS = {
 }
 KEEP = ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreement", "unicycle_soft",
         "best_of_n_self", "und_acc_perturbed")
-CI = lambda d: [round(d["ci_low"], 4), round(d["ci_high"], 4)]  # noqa: E731
+
+
+def _ci95(delta: dict) -> list[float]:
+    return [round(delta["ci_low"], 4), round(delta["ci_high"], 4)]
 
 
 def _arm_config(cfg: CycleConfig, arm: dict[str, Any]) -> CycleConfig:
@@ -65,7 +68,7 @@ def ablate_cpr_flow(config: CycleConfig, cpr_mixture: dict[str, float] | None = 
         # the arm's judge on the base's images: its own images differ, this holds them fixed
         judge = benchmark.judge_on_images(base["benchmark_items"], child_cfg.benchmark, child_ctx)
         out[name] = {"checkpoint_id": trained["checkpoint_id"], **{k: v for k, v in m.items() if k in KEEP},
-                     JUDGE_FIXED: judge["judge_oracle_agreement"], "gen_acc_oracle_delta_ci95": CI(d),
-                     f"{JUDGE_FIXED}_delta_ci95": CI(judge["delta"]),
+                     JUDGE_FIXED: judge["judge_oracle_agreement"], "gen_acc_oracle_delta_ci95": _ci95(d),
+                     f"{JUDGE_FIXED}_delta_ci95": _ci95(judge["delta"]),
                      "train_examples": trained["metrics"]["train_examples"], "mixture": cfg.reconstruct.mixture}
     return out

@@ -119,7 +119,7 @@ def measure(model, cfg: BenchmarkConfig, log=print) -> list[dict]:
     return rows
 
 
-def rejudge(model, rows: list[dict], cfg: BenchmarkConfig) -> list[dict]:
+def rejudge(model, rows: list[dict]) -> list[dict]:
     """`rows` (benchmark items of any checkpoint) with their images scored by `model`'s judge instead.
 
     Everything but self_score and checkpoint_id stays the images' author's, so only the judge metrics
@@ -230,8 +230,9 @@ def judge_on_images(items: DatasetRef, cfg: BenchmarkConfig, ctx: StageContext, 
     p = make_plan(NAME, {"items": items}, cfg, ctx, CODE_VERSION, n_parts=1, dataset="judge_on_images",
                   shared_run=SHARED_RUN)
     author = read(items).to_pylist()
-    ref = run_stage(p, lambda _: pa.Table.from_pylist(rejudge(ctx.model, author, cfg), schema=ITEMS), ctx, refresh)
-    d = paired_delta(author, read(ref).to_pylist(), "judge_oracle_agreement", cfg)
-    value = float(per_prompt(read(ref).to_pylist(), cfg.threshold)["judge_oracle_agreement"].mean())
+    ref = run_stage(p, lambda _: pa.Table.from_pylist(rejudge(ctx.model, author), schema=ITEMS), ctx, refresh)
+    judged = read(ref).to_pylist()
+    d = paired_delta(author, judged, "judge_oracle_agreement", cfg)
+    value = float(per_prompt(judged, cfg.threshold)["judge_oracle_agreement"].mean())
     return {"judge_on_images": ref, "images_of": author[0]["checkpoint_id"] if author else None,
             "judge_oracle_agreement": round(value, 4), "delta": d}

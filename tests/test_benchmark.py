@@ -43,7 +43,7 @@ def test_items_keep_their_images_and_the_same_judge_rescores_them_identically(ba
     _, ref = items
     rows = read(ref).to_pylist()
     assert all(len(r["images"]) == len(r["oracle_ok"]) == CFG.samples for r in rows)
-    again = rejudge(base, rows, CFG)
+    again = rejudge(base, rows)
     assert [r["self_score"] for r in again] == [r["self_score"] for r in rows]  # PNG keeps the images exact
 
 
@@ -68,4 +68,4 @@ def test_rejudge_refuses_items_without_images(base, items):
     _, ref = items
     rows = [{**r, "images": None} for r in read(ref).to_pylist()]
     with pytest.raises(ValueError, match="carry no images"):
-        rejudge(base, rows, CFG)
+        rejudge(base, rows)
