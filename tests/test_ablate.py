@@ -1,5 +1,6 @@
 """`selfplay ablate cpr` end to end on the embedded model (small sizes): one generation side, three children
-(generation-only SFT, the full CPR mixture, DPO) trained on it, each benchmarked beside the parent."""
+(generation-only SFT, a CPR mixture set with --cpr-mixture, DPO) trained on it, each benchmarked beside the parent
+and its judge measured on the parent's images."""
 
 import json
 
