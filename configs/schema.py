@@ -6,11 +6,12 @@ Each stage's section is part of that stage's fingerprint, so only what changes t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, field_validator, model_validator
 
 from configs.loader import Strict
+from model.registry import ModelSection
 from storage.names import validate_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -34,18 +35,17 @@ class RunConfig(Strict):
         return validate_name(v, "run name")
 
 
-class ModelConfig(Strict):
-    backend: Literal["embedded", "janus"] = "embedded"
-    checkpoint: str = Field("base", description="'base' (shipped), 'promoted', a registry id or a local directory")
-    registry_line: str = "default"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    trust_remote_code: bool = False
-    # real UMMs (backend 'janus'): where the base weights come from, and how they are held
-    path: str | None = Field(None, description="janus: hub id or local directory of the base checkpoint")
-    random_weights: bool = Field(False, description="janus: random weights of the configured shapes (no download)")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    janus_config: dict = Field(default_factory=dict, description="janus: JanusConfig fields for random weights")
-    sampling: dict = Field(default_factory=dict, description="janus: backend settings (model/janus/umm.py Settings)")
+def _model_section(data: Any) -> ModelSection:
+    from model import registry
+
+    cfg = registry.section(data)
+    validate_name(cfg.registry_line, "model.registry_line")
+    return cfg
+
+
+# The `model` section is a union discriminated by `backend`, open to registration: each registered backend
+# (model/registry.py) validates its own arm, so a new backend needs no edit here.
+ModelConfig = Annotated[SerializeAsAny[ModelSection], BeforeValidator(_model_section)]
 
 
 class ProposeConfig(Strict):
@@ -86,7 +86,6 @@ class RolloutConfig(Strict):
 class JudgeConfig(Strict):
     judge: str = Field("self", description="'self' (the model's own judge) or 'oracle' (measuring only)")
     rubric: dict = Field(default_factory=dict, description="overrides of the world's default rubric")
-    images_per_shard: int = Field(256, ge=1)
     batch_size: int = Field(256, ge=1)
 
 
@@ -170,6 +169,8 @@ class GateConfig(Strict):
     require_significant: bool = Field(False, description="also require the paired 95 % interval above 0")
     understanding_metric: str = "und_acc_gt"
     max_understanding_drop: float = Field(0.01, ge=0)
+    promote: bool = Field(True, description="move the promoted pointer to a child that passes (false: decide "
+                          "and record only)")
 
 
 class StageCacheConfig(Strict):
@@ -181,7 +182,7 @@ class StageCacheConfig(Strict):
 
 class CycleConfig(Strict):
     run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=lambda: _model_section({"backend": "embedded"}))
     propose: ProposeConfig = ProposeConfig()
     rollout: RolloutConfig = RolloutConfig()
     judge: JudgeConfig = JudgeConfig()
@@ -195,11 +196,9 @@ class CycleConfig(Strict):
     @model_validator(mode="after")
     def _rubric(self) -> "CycleConfig":
         # the rubric's shape belongs to the backend's world: check it now, not when the judge first runs
-        if self.model.backend == "embedded":
-            from model.world import Rubric
+        from model import registry
 
-            try:
-                Rubric.model_validate(self.judge.rubric)
-            except ValueError as exc:
-                raise ValueError(f"judge.rubric does not fit the embedded world's Rubric: {exc}") from None
+        check = registry.get(self.model.backend).check_rubric
+        if check is not None:
+            check(self.judge.rubric)
         return self

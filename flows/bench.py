@@ -9,9 +9,9 @@ import time
 import torch
 
 from configs.schema import CycleConfig
-from flows.cycle import make_context
+from flows.runner import Contexts
 from tasks import judge, propose, rollout, select
-from tasks.common import read
+from tasks.stage import read, run_sharded
 
 
 def bench_stages(prompts: int = 300, samples: int = 8, threads: int | None = None) -> dict:
@@ -23,18 +23,18 @@ def bench_stages(prompts: int = 300, samples: int = 8, threads: int | None = Non
                                           "model": {"device": "cpu"},
                                           "propose": {"num_prompts": prompts},
                                           "rollout": {"samples_per_prompt": samples, "prompts_per_shard": 50}})
-        ctx = make_context(cfg)
+        ctx = Contexts(cfg, replay=False).for_checkpoint(cfg.model.checkpoint)
         ctx.log = lambda _: None
         out = {"prompts": prompts, "samples_per_prompt": samples, "torch_threads": torch.get_num_threads(),
                "model_id": ctx.model_id}
         t = time.perf_counter()
-        p = propose.run({}, cfg.propose, ctx)
+        p = run_sharded(propose, {}, cfg.propose, ctx)["prompts"]
         out["propose_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        r = rollout.run({"prompts": p}, cfg.rollout, ctx)
+        r = run_sharded(rollout, {"prompts": p}, cfg.rollout, ctx)["rollouts"]
         out["rollout_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        j = judge.run({"prompts": p, "rollouts": r}, cfg.judge, ctx)
+        j = run_sharded(judge, {"prompts": p, "rollouts": r}, cfg.judge, ctx)["judgements"]
         out["judge_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         s = select.run({"prompts": p, "judgements": j}, cfg.select, ctx)

@@ -177,21 +177,24 @@ def generate(config: ConfigPath, overrides: Overrides = None,
 
 
 @app.command("stage")
-def stage(name: Annotated[str, typer.Argument(help="propose, rollout, judge or select")],
-          run: Annotated[str, typer.Option(help="an existing run's name")],
+def stage(name: Annotated[str, typer.Argument(help="a stage (propose, rollout, judge, select, reconstruct, posttrain, "
+                                                   "benchmark, judge_shift, gate, report, suite) or a node id")],
+          run: Annotated[str, typer.Option(help="a recorded run's name")],
           overrides: Overrides = None, store: str = "./runs",
+          cycle: Annotated[Optional[int], typer.Option(help="the recorded cycle (default: the latest)")] = None,
+          only: Annotated[bool, typer.Option(help="rerun only this stage, not the stages that depend on it")] = False,
           refresh: Annotated[bool, typer.Option(help="recompute even if cached")] = False) -> None:
-    """Rerun one stage of an existing run from its cached upstream artifacts."""
+    """Rerun one stage of a recorded cycle with its recorded inputs and checkpoint (and what depends on it)."""
     from configs.loader import ConfigError
-    from flows.cycle import config_for_run, stage_flow
-    from storage import validate_name
+    from flows.cycle import stage_flow
+    from flows.dags import DagError
+    from storage import RunRecordError, validate_name
 
     try:
         validate_name(run, "run name")
-        cfg = config_for_run(store, run, overrides or [])
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        typer.echo(json.dumps(stage_flow(name, run, cycle, overrides or [], store, only, refresh)))
+    except (ConfigError, RunRecordError, DagError, ValueError) as exc:
         fail(str(exc))
-    typer.echo(json.dumps(stage_flow(name, cfg, refresh=refresh)))
 
 
 @bench_app.command("storage")
@@ -210,13 +213,26 @@ def bench_stages(prompts: int = 300, samples: int = 8) -> None:
     typer.echo(json.dumps(run(prompts=prompts, samples=samples)))
 
 
-# --- the embedded world and model (model/world, model/embedded) register here ---
-from model.world.cli import app as world_app  # noqa: E402
+@app.command("pretrain")
+def pretrain(
+    config: Annotated[Optional[str], typer.Argument(help="recipe YAML (configs/pretrain/*.yaml); defaults if omitted")] = None,
+    overrides: Overrides = None,
+    out: Annotated[str, typer.Option(help="checkpoint directory to write")] = "runs/pretrain",
+    progress: bool = True,
+) -> None:
+    """Pretrain the embedded model from scratch on the world (a Prefect flow); prints the metrics JSON last."""
+    from flows.pretrain import pretrain_flow
 
-app.add_typer(world_app, name="world", help="The embedded model's synthetic world and its exact oracle.")
-from model.embedded.commands import register as _register_embedded  # noqa: E402
+    metrics = pretrain_flow(config=config, overrides=list(overrides or []), out_dir=out, progress=progress)
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "snapshots"}))
 
-_register_embedded(app)
+
+# --- each registered backend adds its own commands (the embedded model: `world`, `model`) ---
+from model import registry as _registry  # noqa: E402
+
+for _backend in _registry.all_backends():
+    if _backend.cli is not None:
+        _backend.cli(app)
 # --- end of registrations ---
 
 

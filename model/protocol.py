@@ -1,18 +1,24 @@
-"""The model protocol: the one seam between the pipeline and any unified multimodal model.
+"""The model protocols: the seams between the pipeline and any unified multimodal model.
 
-Every role is batched (lists in, lists out) because stages call them over whole shards.
-A backend lists the roles it supports in `roles`; a stage asks with `require_role` and
-fails with one clear message on a backend that lacks one.
+Two of them, one per side of the pipeline:
+- `UnifiedModel`: the inference roles the stages call (propose, generate, judge, answer, reflect). Every role is
+  batched (lists in, lists out) because stages call them over whole shards. A backend lists the roles it
+  supports in `roles`; a stage asks with `require_role` and fails with one clear message on a backend that
+  lacks one.
+- `TrainableModel`: what post-training needs of a backend: its module, per-kind loss terms, the log-probabilities
+  DPO compares, token counts, and checkpoint files. The objectives themselves (the CPR mixture, DPO) are
+  pipeline code, written once (tasks/objectives.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-ROLES = ("propose", "generate", "judge", "answer", "reflect", "loss")
+ROLES = ("propose", "generate", "judge", "answer", "reflect")  # inference roles (training: TrainableModel)
 CPR_KINDS = ("generation", "caption", "judgement", "reflection")
 
 
@@ -72,14 +78,46 @@ class UnifiedModel(Protocol):
                 top_k: int | None = None) -> list[Image.Image]:
         """A corrected image for each (prompt, flawed image)."""
 
-    def loss(self, examples: list[CPRExample], weights: dict[str, float] | None = None) -> Any:
-        """Mean training loss (a scalar tensor with grad) over a batch of CPR examples of any kinds: each kind's
-        token-mean loss, weighted by its number of examples in the batch times `weights[kind]` (over the
-        backend's defaults), so the CPR mixture sets each kind's share of the gradient."""
-
     # Optional: a backend whose prompt language has a grammar says which proposals are valid.
     # `canonical_prompt(text) -> (canonical_text | None, category | None, invalid_reason | None)`;
     # stages fall back to generic checks (non-empty, bounded length) when a backend lacks it.
+
+
+@dataclass
+class LossTerm:
+    """One CPR kind's part of a training batch."""
+
+    loss: Any  # scalar tensor with grad: the kind's token-mean loss (mean over its target tokens in the batch)
+    count: int  # examples of the kind in the batch (those that gave at least one training sequence)
+
+
+@runtime_checkable
+class TrainableModel(Protocol):
+    """What post-training needs of a backend. The losses are built from these by tasks/objectives.py."""
+
+    net: Any  # the torch.nn.Module that trains (what the optimizer and DeepSpeed wrap)
+    default_loss_weights: dict[str, float]  # the backend's per-kind weights, keyed by CPR kind (default 1)
+
+    def loss_terms(self, examples: list[CPRExample]) -> dict[str, LossTerm]:
+        """Per CPR kind present in the batch (in a fixed order): its token-mean loss with grad and its example
+        count. Raises ValueError on an unknown kind. An empty dict when nothing in the batch trains."""
+
+    def preference_logprobs(self, examples: list[CPRExample]) -> tuple[Any, Any, int]:
+        """(chosen, rejected, tokens_per_image): the summed log-probabilities (B,), with grad, of each example's
+        `target_image` and of its `rejected_image` given `input_text`, and the number of tokens of an image."""
+
+    def tokens_per_example(self, example: CPRExample) -> int:
+        """Tokens one training example runs through the model (a preference pair: both images' sequences)."""
+
+    def weights_changed(self) -> None:
+        """Call after training steps: the checkpoint id is recomputed from the new weights."""
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the checkpoint (safetensors weights + config) to `directory`; the model takes its id."""
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> "TrainableModel":
+        """Load a checkpoint directory written by `save_pretrained`."""
 
 
 @runtime_checkable

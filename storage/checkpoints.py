@@ -50,14 +50,6 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def checkpoint_id_of(src_dir: str) -> str:
-    """A checkpoint is named by its weights: the first 16 hex digits of their sha256."""
-    weights = os.path.join(src_dir, WEIGHTS)
-    if not os.path.isfile(weights):
-        raise RegistryError(f"{src_dir}: no {WEIGHTS} (weights must be safetensors)")
-    return _sha256_file(weights)[:16]
-
-
 class Registry:
     def __init__(self, store: str | Store = Store(), line: str = "default"):
         self.store = store if isinstance(store, Store) else Store(store)
@@ -67,14 +59,16 @@ class Registry:
     def _dir(self, checkpoint_id: str) -> str:
         return f"{self.root}/{validate_name(checkpoint_id, 'checkpoint id')}"
 
-    def register(self, src_dir: str, *, parent: str | None = None, cycle: int = 0,
+    def register(self, src_dir: str, checkpoint_id: str, *, parent: str | None = None, cycle: int = 0,
                  data_fingerprint: str | None = None, config: dict[str, Any] | None = None,
                  metrics: dict[str, Any] | None = None) -> CheckpointMeta:
         names = sorted(n for n in os.listdir(src_dir) if os.path.isfile(os.path.join(src_dir, n)))
         pickled = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
         if pickled:
             raise RegistryError(f"{src_dir}: refusing pickle files {pickled}; save weights as safetensors")
-        ckpt_id = checkpoint_id_of(src_dir)
+        if not os.path.isfile(os.path.join(src_dir, WEIGHTS)):
+            raise RegistryError(f"{src_dir}: no {WEIGHTS} (weights must be safetensors)")
+        ckpt_id = validate_name(checkpoint_id, "checkpoint id")  # the model's own id of these weights
         meta = CheckpointMeta(
             checkpoint_id=ckpt_id, parent=parent, cycle=cycle, data_fingerprint=data_fingerprint,
             config=config or {}, metrics=metrics or {},

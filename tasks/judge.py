@@ -7,6 +7,7 @@ is kept with parse_ok = false and a null score, and counted, never fatal.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -15,20 +16,20 @@ from configs.loader import canonical_json
 from configs.schema import JudgeConfig
 from model.judges import make_judge
 from storage import Dataset, DatasetRef, from_png
-from tasks.common import StageContext, StagePlan, make_plan, read, run_stage
-
-NAME = "judgements"
-CODE_VERSION = "1"
+from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, read
 
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("judge_id", pa.string()),
                     ("rubric", pa.string()), ("reasoning", pa.string()), ("score", pa.int32()),
                     ("parse_ok", pa.bool_()), ("raw", pa.string())])
+STAGE = StageSpec(name="judge", code_version="1", section="judge", inputs=("prompts", "rollouts"),
+                  outputs={"judgements": SCHEMA}, sharded=True)
 
 
 def plan(inputs: dict[str, DatasetRef], cfg: JudgeConfig, ctx: StageContext) -> StagePlan:
     n = len(Dataset(inputs["rollouts"]).manifest().parts)  # one judge shard per rollout part
-    return make_plan(NAME, inputs, cfg.model_dump(mode="json", exclude={"batch_size", "images_per_shard"}), ctx,
-                     CODE_VERSION, n_parts=n, uses_model=cfg.judge == "self", cfg=cfg)
+    # only the model's own judge depends on the checkpoint
+    ctx_ = ctx if cfg.judge == "self" else dataclasses.replace(ctx, model_id=None)
+    return make_plan(STAGE, inputs, cfg.model_dump(mode="json", exclude={"batch_size"}), ctx_, n_parts=n, cfg=cfg)
 
 
 def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
@@ -49,7 +50,3 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     return table.replace_schema_metadata({"stats": json.dumps({"judged": len(rows), "unparsed": unparsed})})
 
-
-def run(inputs: dict[str, DatasetRef], cfg: JudgeConfig, ctx: StageContext, refresh: bool = False) -> DatasetRef:
-    p = plan(inputs, cfg, ctx)
-    return run_stage(p, lambda i: compute_part(p, i, ctx), ctx, refresh)

@@ -2,7 +2,8 @@
 
 The subprocess (tasks/posttrain_worker.py) can be killed and resumed; this stage only plans, launches, waits
 and registers the result in the checkpoint registry with its lineage (parent, data fingerprint, config).
-Its output is keyed by fingerprint like a dataset: `<store>/<run>/posttrain-<fp12>/final/` once finished.
+The trainer works in `<store>/<run>/posttrain-<fp12>/` (`final/` once finished); the stage's output is a
+one-row `checkpoint` dataset naming the child, which later stages of the DAG run as their model.
 """
 
 from __future__ import annotations
@@ -14,29 +15,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-from configs.schema import PosttrainConfig
-from storage import DatasetRef, Registry, Store, fingerprint
-from tasks.common import StageContext
+import pyarrow as pa
 
-NAME = "posttrain"
-CODE_VERSION = "4"  # 2: EMA leaves integer buffers alone; 3: mixture-weighted loss; 4: judgement one fact a sequence
+from configs.schema import PosttrainConfig
+from storage import DatasetRef, Store
+from tasks import models
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan
+
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = pa.schema([("checkpoint_id", pa.string()), ("parent", pa.string()), ("dir", pa.string()),
+                        ("metrics", pa.string())])
+# code version 2: EMA leaves integer buffers alone; 3: mixture-weighted loss; 4: judgement one fact a sequence
+STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", inputs=("cpr", "dpo_pairs"),
+                  outputs={"checkpoint": CHECKPOINT})
+# how many ranks train and how often they save change speed, not the model: they stay out of the fingerprint
+SPEED_ONLY = {"nproc", "timeout_s", "checkpoint_every"}
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def out_dir(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext) -> Path:
-    store = Store(ctx.store)
-    if not store.is_local:
-        raise NotImplementedError("posttrain writes its checkpoints to a local or mounted store path")
-    # how many ranks train changes speed, not the model: it stays out of the fingerprint
-    fp = fingerprint(NAME, cfg.model_dump(mode="json", exclude={"nproc", "timeout_s", "checkpoint_every"}),
-                     inputs, ctx.model_id, CODE_VERSION)
-    return Path(store.path(ctx.run, f"{NAME}-{fp[:12]}"))
 
 
 def die_with_parent() -> None:
@@ -84,28 +83,41 @@ def launch(job: dict, out: Path, nproc: int, timeout_s: int, log) -> None:
                            + "\n".join((ranks or lines)[-15:]))
 
 
-def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext, parent_dir: str | None,
-        registry_line: str = "default", refresh: bool = False) -> dict:
-    """Train (or reuse) the child of the context's model; returns its checkpoint id, directory and metrics."""
-    out = out_dir(inputs, cfg, ctx)
-    final = out / "final"
+def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
+        refresh: bool = False) -> dict[str, DatasetRef]:
+    """Train (or reuse) the child of the context's checkpoint and register it."""
+    store = Store(ctx.store)
+    if not store.is_local:
+        raise NotImplementedError("posttrain writes its checkpoints to a local or mounted store path")
+    if ctx.model_dir is None:
+        raise ValueError("posttrain: the context names no parent checkpoint directory")
+    p = make_plan(STAGE, inputs, cfg.model_dump(mode="json", exclude=SPEED_ONLY), ctx)
+    out = Path(store.path(ctx.run, f"posttrain-{p.ref.fingerprint[:12]}"))
+
+    def train(_: int) -> pa.Table:
+        final = out / "final"
+        if not (final / "_metrics.json").exists():
+            job = {"posttrain": cfg.model_dump(mode="json"), "parent_dir": ctx.model_dir,
+                   "cpr": inputs["cpr"].model_dump(), "dpo_pairs": inputs["dpo_pairs"].model_dump()}
+            launch(job, out, cfg.nproc, cfg.timeout_s, ctx.log)
+        metrics = (final / "_metrics.json").read_text()
+        data = inputs["cpr" if cfg.objective == "sft" else "dpo_pairs"].fingerprint
+        child = models.register(str(final), ctx.store, ctx.registry_line, parent=ctx.model_id, cycle=ctx.cycle,
+                                data_fingerprint=data, config=cfg.model_dump(mode="json"),
+                                metrics={"posttrain": json.loads(metrics)})
+        return pa.Table.from_pylist([{"checkpoint_id": child, "parent": ctx.model_id, "dir": str(final),
+                                      "metrics": metrics}], schema=CHECKPOINT)
+
     if refresh:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-    if not (final / "_metrics.json").exists():
-        if parent_dir is None:  # the shipped base checkpoint
-            from model.embedded.umm import BASE_DIR
+    return {"checkpoint": build_plan(p, train, ctx, refresh)}
 
-            parent_dir = str(BASE_DIR)
-        job = {"posttrain": cfg.model_dump(mode="json"), "parent_dir": str(parent_dir),
-               "cpr": inputs["cpr"].model_dump(), "dpo_pairs": inputs["dpo_pairs"].model_dump()}
-        launch(job, out, cfg.nproc, cfg.timeout_s, ctx.log)
-    else:
-        ctx.log(f"[posttrain] reused {out.name}")
-    metrics = json.loads((final / "_metrics.json").read_text())
-    reg = Registry(ctx.store, registry_line)
-    meta = reg.register(str(final), parent=ctx.model_id, cycle=ctx.cycle,
-                        data_fingerprint=inputs["cpr" if cfg.objective == "sft" else "dpo_pairs"].fingerprint,
-                        config=cfg.model_dump(mode="json"), metrics={"posttrain": metrics})
-    return {"checkpoint_id": meta.checkpoint_id, "dir": str(final), "metrics": metrics}
+
+def child_of(ref: DatasetRef) -> dict:
+    """The `checkpoint` row of a posttrain output: id, parent, directory and the trainer's metrics."""
+    from tasks.stage import read
+
+    row = read(ref).to_pylist()[0]
+    return {**row, "metrics": json.loads(row["metrics"])}

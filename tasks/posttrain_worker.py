@@ -28,7 +28,8 @@ from configs.schema import PosttrainConfig
 from model.protocol import CPRExample
 from model.schedule import warmup_cosine
 from storage import DatasetRef, from_png
-from tasks.common import read, stable_seed
+from tasks.objectives import dpo_loss, sft_loss
+from tasks.stage import read, stable_seed
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16, for MFU
 
@@ -56,7 +57,8 @@ def drop_condition(ex: CPRExample, rng: random.Random, p: float) -> CPRExample:
 
 
 class Objective(torch.nn.Module):
-    """What DeepSpeed trains: the backend's module, with the backend's loss for a batch of examples."""
+    """What DeepSpeed trains: the backend's module (`TrainableModel.net`), with the objective's loss for a batch
+    of examples (tasks/objectives.py: the CPR mixture, or DPO against the frozen reference)."""
 
     def __init__(self, umm, cfg: PosttrainConfig, reference=None):
         super().__init__()
@@ -65,9 +67,9 @@ class Objective(torch.nn.Module):
 
     def forward(self, examples: list[CPRExample]) -> torch.Tensor:
         if self.cfg.objective == "dpo":
-            return self.umm.dpo_loss(examples, self.reference, beta=self.cfg.dpo_beta,
-                                     nll_weight=self.cfg.dpo_nll_weight)
-        return self.umm.loss(examples, self.cfg.loss_weights or None)
+            return dpo_loss(self.umm, self.reference, examples, beta=self.cfg.dpo_beta,
+                            nll_weight=self.cfg.dpo_nll_weight)
+        return sft_loss(self.umm, examples, self.cfg.loss_weights or None)
 
 
 def freeze_parameters(net: torch.nn.Module, patterns: list[str]) -> None:
@@ -91,7 +93,7 @@ def heldout_loss(umm, examples: list[CPRExample], batch: int = 64) -> dict[str, 
     out = {}
     umm.net.eval()
     for kind, exs in sorted(by_kind.items()):
-        losses = [float(umm.loss(exs[i:i + batch])) * len(exs[i:i + batch]) for i in range(0, len(exs), batch)]
+        losses = [float(sft_loss(umm, exs[i:i + batch])) * len(exs[i:i + batch]) for i in range(0, len(exs), batch)]
         out[kind] = sum(losses) / len(exs)
     umm.net.train()
     return out
@@ -235,12 +237,9 @@ def main(job_path: str) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss))
-        if tokens_per_example is None and hasattr(umm, "example_seqs"):
-            # a DPO pair runs the generation sequence of its chosen and its rejected image
-            as_seq = lambda e: dataclasses.replace(e, kind="generation") if e.kind == "preference" else e  # noqa: E731
-            seqs = [umm.example_seqs(as_seq(e))[1] * (2 if e.kind == "preference" else 1)
-                    for e in batch[: min(16, len(batch))]]
-            tokens_per_example = sum(len(s[0]) for ss in seqs for s in ss) / len(seqs)
+        if tokens_per_example is None:  # a DPO pair counts the sequences of its chosen and its rejected image
+            sample = batch[: min(16, len(batch))]
+            tokens_per_example = sum(umm.tokens_per_example(e) for e in sample) / len(sample)
         if ema is not None:
             with torch.no_grad():
                 for k, v in engine.module.net.state_dict().items():

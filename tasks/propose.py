@@ -4,11 +4,11 @@ Each call gets a category (drawn by the configured shares) and 1-3 few-shot seed
 seed library: the recipe's seed prompts plus the judge's best prompts of earlier cycles (the `seed_library`
 input, written by select). Prompts from the previous discard pool are offered again (curriculum). Exact and
 near duplicates (same canonical form) are removed; invalid proposals are kept with their reason and counted.
+The held-out benchmark suite (the `suite` input) is never proposed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -21,15 +21,15 @@ import yaml
 from configs.schema import ProposeConfig, resolve_path
 from model.protocol import require_role
 from storage import DatasetRef
-from tasks.common import StageContext, StagePlan, make_plan, prompt_id, read, run_stage, stable_seed
+from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, prompt_id, read, stable_seed
 
-NAME = "prompts"
-CODE_VERSION = "1"
 MAX_PROMPT_CHARS = 300
 
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("cycle", pa.int32()), ("category", pa.string()),
                     ("prompt", pa.string()), ("seed_prompt_ids", pa.list_(pa.string())), ("source", pa.string()),
                     ("valid", pa.bool_()), ("invalid_reason", pa.string())])
+STAGE = StageSpec(name="propose", code_version="1", section="propose", optional=("suite", "discard_pool",
+                  "seed_library"), outputs={"prompts": SCHEMA}, sharded=True)
 
 
 def load_seed_file(path: str | Path) -> dict[str, list[str]]:
@@ -51,15 +51,18 @@ def _canonical(model, text: str) -> tuple[str | None, str | None, str | None]:
     return norm, None, None
 
 
-def plan(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext,
-         exclude: frozenset[str] = frozenset()) -> StagePlan:
-    """`exclude`: canonical prompts that must never be proposed (the held-out benchmark suite)."""
+def plan(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext) -> StagePlan:
     seeds = load_seed_file(resolve_path(cfg.seed_file))
-    # the seeds' content, not their file name, is part of the fingerprint; so is the excluded set
-    held_out = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()
-    return make_plan(NAME, inputs, {**cfg.model_dump(mode="json", exclude={"seed_file"}), "seeds": seeds,
-                                    "exclude": held_out}, ctx, CODE_VERSION, n_parts=1, seeds=seeds, cfg=cfg,
-                     exclude=exclude)
+    # the seeds' content, not their file name, is part of the fingerprint
+    return make_plan(STAGE, inputs, {**cfg.model_dump(mode="json", exclude={"seed_file"}), "seeds": seeds}, ctx,
+                     seeds=seeds, cfg=cfg)
+
+
+def _held_out(p: StagePlan, model) -> set[str]:
+    """The suite's prompts in canonical form."""
+    if "suite" not in p.inputs:
+        return set()
+    return {_canonical(model, t)[0] for t in read(p.inputs["suite"], ["prompt"]).column("prompt").to_pylist()}
 
 
 def _library(p: StagePlan) -> dict[str, list[tuple[str, str]]]:
@@ -84,10 +87,11 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     cats, weights = zip(*[(c, w) for c, w in shares.items() if w > 0])
     rows, seen = [], set()
     stats = Counter()
+    held_out = _held_out(p, model)
 
     def add(text, category, source, seed_ids):
         canon, cat, reason = _canonical(model, text)
-        if reason is None and canon in p.extra["exclude"]:
+        if reason is None and canon in held_out:
             reason = "held out for the benchmark suite"
         if reason is None and canon in seen:
             stats["duplicates_removed"] += 1
@@ -133,8 +137,3 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     return table.replace_schema_metadata({"stats": json.dumps(dict(stats))})
 
-
-def run(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext, refresh: bool = False,
-        exclude: frozenset[str] = frozenset()) -> DatasetRef:
-    p = plan(inputs, cfg, ctx, exclude)
-    return run_stage(p, lambda i: compute_part(p, i, ctx), ctx, refresh)

@@ -21,10 +21,9 @@ import pyarrow as pa
 
 from configs.schema import ReconstructConfig
 from storage import DatasetRef
-from tasks.common import StageContext, make_plan, prompt_id, read, run_stage, stable_seed
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan, prompt_id, read, stable_seed
 
-NAME = "cpr"
-CODE_VERSION = "1"
+# a backend without caption templates of its own is asked in plain words
 DEFAULT_CAPTION_TEMPLATES = ("which prompt made this image", "what prompt drew this picture",
                              "write the prompt of this image")
 
@@ -32,6 +31,10 @@ SCHEMA = pa.schema([("example_id", pa.string()), ("kind", pa.string()), ("split"
                     ("prompt_id", pa.string()), ("sample_ids", pa.list_(pa.int32())), ("input_text", pa.string()),
                     ("input_image", pa.binary()), ("target_text", pa.string()), ("target_image", pa.binary()),
                     ("rejected_image", pa.binary()), ("meta", pa.string())])
+# the model gives only its caption templates (they enter the fingerprint with the config), not its id
+STAGE = StageSpec(name="reconstruct", code_version="1", section="reconstruct",
+                  inputs=("prompts", "rollouts", "judgements", "selections"),
+                  outputs={"cpr": SCHEMA, "dpo_pairs": SCHEMA}, model=False)
 
 
 def _split(pid: str, cfg: ReconstructConfig) -> str:
@@ -121,9 +124,9 @@ def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext
     refs = {}
     for name in ("cpr", "dpo_pairs"):
         # the templates are the model's: they enter the fingerprint with the config
-        p = make_plan(NAME, inputs, {**cfg.model_dump(mode="json"), "caption_templates": list(templates)}, ctx,
-                      CODE_VERSION, n_parts=1, uses_model=False, dataset=name)
-        refs[name] = run_stage(p, table(name), ctx, refresh)
+        p = make_plan(STAGE, inputs, {**cfg.model_dump(mode="json"), "caption_templates": list(templates)}, ctx,
+                      dataset=name)
+        refs[name] = build_plan(p, table(name), ctx, refresh)
     counts = defaultdict(int)
     for k in read(refs["cpr"], ["kind"]).column("kind").to_pylist():
         counts[k] += 1

@@ -1,13 +1,12 @@
-"""report: the promotion gate and the per-cycle report (markdown + PNG plots + image grids).
+"""report: the per-cycle report (markdown + PNG plots + image grid) and the cycle's summary.
 
-The gate promotes the child only if generation improves (paired difference on the same suite prompts and
-seeds) and understanding does not fall by more than the tolerance; otherwise the parent stays promoted, and
-the report says why.
+Its one-row `report` dataset holds the summary (JSON: parent and child metrics, the gate's decision and
+deltas, post-training and generation-side figures), the markdown with its plots inlined (the Prefect UI
+cannot reach files beside the datasets), and the parent-versus-child table; report.md and the PNGs are also
+written into the dataset's folder.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib
 
@@ -16,34 +15,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from configs.schema import BenchmarkConfig, GateConfig  # noqa: E402
-from storage import DatasetRef, from_png  # noqa: E402
-from tasks.benchmark import headline, paired_delta  # noqa: E402
-from tasks.common import read  # noqa: E402
+import base64  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
 
-# the judge on the parent's images (a child's own images differ from its parent's: this holds them fixed)
+import pyarrow as pa  # noqa: E402
+
+from storage import Dataset, DatasetRef, Registry, Store, from_png  # noqa: E402
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan, part_stats, read  # noqa: E402
+
+# the judge on the parent's images (the gate's name for it)
 JUDGE_FIXED = "judge_agreement_on_parent_images"
+REPORT = pa.schema([("summary", pa.string()), ("markdown", pa.string()), ("table", pa.string())])
+STAGE = StageSpec(name="report", code_version="1", section=None,
+                  inputs=("gate", "checkpoint", "prompts", "rollouts", "judgements", "selections",
+                          "parent_benchmark", "child_benchmark"),
+                  outputs={"report": REPORT}, model=False, artifact="report")
 TABLE_METRICS = ("gen_acc_oracle", "best_of_n_self", "pass_at_n_oracle", "und_acc_gt", "und_acc_perturbed",
                  "non_unification", "weak_generation_share", "judge_oracle_agreement", JUDGE_FIXED,
                  "unicycle_soft", "unicycle_hard")
 
 
-def gate(parent_items: list[dict], child_items: list[dict], parent: dict, child: dict, cfg: GateConfig,
-         bcfg: BenchmarkConfig) -> tuple[bool, str, dict]:
-    d_gen = paired_delta(parent_items, child_items, cfg.metric, bcfg)
-    d_und = paired_delta(parent_items, child_items, cfg.understanding_metric, bcfg)
-    reasons = []
-    if not d_gen["delta"] > cfg.min_gain:
-        reasons.append(f"{cfg.metric} changed by {d_gen['delta']:+.4f} (needs > {cfg.min_gain:+.4f})")
-    if cfg.require_significant and not d_gen["ci_low"] > 0:
-        reasons.append(f"{cfg.metric} gain not significant (95 % CI [{d_gen['ci_low']:+.4f}, {d_gen['ci_high']:+.4f}])")
-    if d_und["delta"] < -cfg.max_understanding_drop:
-        reasons.append(f"{cfg.understanding_metric} fell by {-d_und['delta']:.4f} (tolerance {cfg.max_understanding_drop})")
-    ok = not reasons
-    why = ("promoted: " if ok else "not promoted: ") + ("; ".join(reasons) if reasons else
-                                                         f"{cfg.metric} {d_gen['delta']:+.4f}, "
-                                                         f"{cfg.understanding_metric} {d_und['delta']:+.4f}")
-    return ok, why, {"gen": d_gen, "und": d_und}
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def comparison_rows(parent: dict, child: dict) -> list[dict]:
@@ -56,7 +53,7 @@ def _per_category(ref: DatasetRef, metric: str) -> dict[str, float]:
     return {r["category"]: r["value"] for r in read(ref).to_pylist() if r["metric"] == metric and r["category"] != "all"}
 
 
-def plot_categories(parent_ref: DatasetRef, child_ref: DatasetRef, path: Path, metric: str = "gen_acc_oracle") -> None:
+def plot_categories(parent_ref: DatasetRef, child_ref: DatasetRef, metric: str = "gen_acc_oracle") -> bytes:
     a, b = _per_category(parent_ref, metric), _per_category(child_ref, metric)
     cats = sorted(a)
     x = np.arange(len(cats))
@@ -68,11 +65,10 @@ def plot_categories(parent_ref: DatasetRef, child_ref: DatasetRef, path: Path, m
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return _png(fig)
 
 
-def plot_history(history: list[dict], path: Path) -> None:
+def plot_history(history: list[dict]) -> bytes:
     """Metrics across cycles (history rows: cycle, and metric values of the checkpoint after that cycle)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in ("gen_acc_oracle", "und_acc_gt", "judge_oracle_agreement", JUDGE_FIXED, "unicycle_soft"):
@@ -83,11 +79,10 @@ def plot_history(history: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return _png(fig)
 
 
-def image_grid(refs: dict[str, DatasetRef], path: Path, n_prompts: int = 8, scale: int = 3) -> None:
+def image_grid(refs: dict[str, DatasetRef], n_prompts: int = 8, scale: int = 3) -> bytes:
     """For a few prompts: the best and worst of its samples with their own-judge scores."""
     prompts = {r["prompt_id"]: r["prompt"] for r in read(refs["prompts"], ["prompt_id", "prompt"]).to_pylist()}
     sel = read(refs["selections"]).to_pylist()
@@ -107,7 +102,9 @@ def image_grid(refs: dict[str, DatasetRef], path: Path, n_prompts: int = 8, scal
         draw.text((2 * cell + 8, y + 4), prompts[s["prompt_id"]][:60], fill="black")
         draw.text((2 * cell + 8, y + 24), f"best {s['max_score']}  worst {s['min_score']}  "
                                           f"{'accepted' if s['accepted'] else 'rejected'}", fill="gray")
-    canvas.save(path)
+    buf = io.BytesIO()
+    canvas.save(buf, format="png")
+    return buf.getvalue()
 
 
 def markdown(run: str, cycle: int, rows: list[dict], why: str, deltas: dict, files: dict[str, str],
@@ -129,6 +126,61 @@ def markdown(run: str, cycle: int, rows: list[dict], why: str, deltas: dict, fil
     return "\n".join(lines) + "\n"
 
 
-def headline_of(ref: DatasetRef) -> dict[str, float]:
-    return headline(read(ref).to_pylist())
 
+
+
+PLOTS = {"per_category.png": "per-category generation accuracy", "history.png": "metrics across cycles",
+         "best_worst.png": "best and worst of N (own judge)"}
+
+
+def summary(inputs: dict[str, DatasetRef], ctx: StageContext) -> dict:
+    """The cycle in one JSON object: what the CLI prints and the flows return."""
+    gate = _row(inputs["gate"])
+    trained = _row(inputs["checkpoint"])
+    return {"parent": {"checkpoint_id": gate["parent"], **gate["parent_metrics"]},
+            "child": {"checkpoint_id": gate["child"], **gate["child_metrics"]},
+            "promoted": gate["passed"], "reason": gate["reason"], "run": ctx.run, "cycle": ctx.cycle,
+            "delta_gen_acc_oracle": gate["deltas"]["gen"], "delta_judge_on_parent_images": gate["deltas"]["judge"],
+            "posttrain": {k: trained["metrics"].get(k) for k in ("train_s", "tokens_per_s", "heldout_before",
+                                                                 "heldout_after", "world_size", "train_examples")},
+            "generation": {"propose": part_stats(inputs["prompts"]), "judge": part_stats(inputs["judgements"])}}
+
+
+def _row(ref: DatasetRef) -> dict:
+    row = read(ref).to_pylist()[0]
+    return {k: json.loads(v) if k in ("parent_metrics", "child_metrics", "deltas", "metrics", "summary") else v
+            for k, v in row.items()}
+
+
+def _inline(md: str, pngs: dict[str, bytes]) -> str:
+    for name, data in pngs.items():
+        md = md.replace(f"]({name})", f"](data:image/png;base64,{base64.b64encode(data).decode()})")
+    return md
+
+
+def run(inputs: dict[str, DatasetRef], cfg: None, ctx: StageContext, refresh: bool = False) -> dict[str, DatasetRef]:
+    p = make_plan(STAGE, inputs, {}, ctx)
+    folder = Dataset(p.ref).dir
+
+    def table(_: int) -> pa.Table:
+        s = summary(inputs, ctx)
+        s["report"] = f"{folder}/report.md"
+        lineage = Registry(ctx.store, ctx.registry_line).lineage(s["child"]["checkpoint_id"])
+        history = [{"cycle": m.cycle, **m.metrics.get("benchmark", {})} for m in lineage][::-1]
+        pngs = {"per_category.png": plot_categories(inputs["parent_benchmark"], inputs["child_benchmark"]),
+                "history.png": plot_history(history), "best_worst.png": image_grid(inputs)}
+        rows = comparison_rows(s["parent"], s["child"])
+        md = markdown(ctx.run, ctx.cycle, rows, s["reason"], {"gen": s["delta_gen_acc_oracle"],
+                                                              "judge": s["delta_judge_on_parent_images"]},
+                      {v: k for k, v in PLOTS.items()}, flags=[])
+        store = Store(ctx.store)
+        for name, data in {**pngs, "report.md": md.encode()}.items():
+            store.atomic_write(f"{folder}/{name}", data)
+        return pa.Table.from_pylist([{"summary": json.dumps(s), "markdown": _inline(md, pngs),
+                                      "table": json.dumps(rows)}], schema=REPORT)
+
+    return {"report": build_plan(p, table, ctx, refresh)}
+
+
+def summary_of(ref: DatasetRef) -> dict:
+    return _row(ref)["summary"]

@@ -14,14 +14,13 @@ import pyarrow as pa
 from configs.schema import RolloutConfig
 from model.protocol import require_role
 from storage import DatasetRef, to_png
-from tasks.common import StageContext, StagePlan, make_plan, read, run_stage, stable_seed
-
-NAME = "rollouts"
-CODE_VERSION = "1"
+from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, read, stable_seed
 
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("seed", pa.int64()),
                     ("cfg_scale", pa.float32()), ("temperature", pa.float32()), ("top_k", pa.int32()),
                     ("image", pa.binary()), ("checkpoint_id", pa.string()), ("gen_ms", pa.float32())])
+STAGE = StageSpec(name="rollout", code_version="1", section="rollout", inputs=("prompts",),
+                  outputs={"rollouts": SCHEMA}, sharded=True)
 
 
 def cfg_scales(cfg: RolloutConfig) -> list[float]:
@@ -36,7 +35,7 @@ def plan(inputs: dict[str, DatasetRef], cfg: RolloutConfig, ctx: StageContext) -
     k = cfg.prompts_per_shard
     shards = [valid[j:j + k] for j in range(0, len(valid), k)]
     # the batch size changes speed, not images: it stays out of the fingerprint
-    return make_plan(NAME, inputs, cfg.model_dump(mode="json", exclude={"batch_size"}), ctx, CODE_VERSION,
+    return make_plan(STAGE, inputs, cfg.model_dump(mode="json", exclude={"batch_size"}), ctx,
                      n_parts=len(shards), shards=shards, cfg=cfg)
 
 
@@ -60,7 +59,3 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
                  for (pid, _, s), seed, img in zip(batch, seeds, images)]
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
-
-def run(inputs: dict[str, DatasetRef], cfg: RolloutConfig, ctx: StageContext, refresh: bool = False) -> DatasetRef:
-    p = plan(inputs, cfg, ctx)
-    return run_stage(p, lambda i: compute_part(p, i, ctx), ctx, refresh)

@@ -15,10 +15,7 @@ import pyarrow as pa
 
 from configs.schema import SelectConfig
 from storage import DatasetRef
-from tasks.common import StageContext, make_plan, read, run_stage, stable_seed
-
-NAME = "selections"
-CODE_VERSION = "1"
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read, stable_seed
 
 SELECTIONS = pa.schema([("prompt_id", pa.string()), ("best_sample_idx", pa.int32()),
                         ("worst_sample_idx", pa.int32()), ("max_score", pa.int32()), ("min_score", pa.int32()),
@@ -27,6 +24,9 @@ POOL = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("categor
                   ("max_score", pa.int32()), ("cycles_tried", pa.int32())])
 LIBRARY = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("category", pa.string()),
                      ("score", pa.int32()), ("cycle", pa.int32())])
+STAGE = StageSpec(name="select", code_version="1", section="select", inputs=("prompts", "judgements"),
+                  optional=("discard_pool", "seed_library"),
+                  outputs={"selections": SELECTIONS, "discard_pool": POOL, "seed_library": LIBRARY}, model=False)
 
 
 def choose(scores: dict[int, int | None], threshold: float, rng: random.Random) -> dict:
@@ -86,8 +86,8 @@ def run(inputs: dict[str, DatasetRef], cfg: SelectConfig, ctx: StageContext,
 
     refs = {}
     for name, fn in (("selections", selections), ("discard_pool", discard_pool), ("seed_library", seed_library)):
-        p = make_plan(NAME, inputs, cfg, ctx, CODE_VERSION, n_parts=1, uses_model=False, dataset=name)
-        refs[name] = run_stage(p, fn, ctx, refresh)
+        p = make_plan(STAGE, inputs, cfg, ctx, dataset=name)
+        refs[name] = build_plan(p, fn, ctx, refresh)
     accepted = sum(c["accepted"] for c in chosen.values())
     ctx.log(f"[select] {accepted}/{len(chosen)} prompts accepted at threshold {cfg.threshold:g}")
     return refs

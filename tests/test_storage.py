@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from PIL import Image
+from model.ids import checkpoint_id_of_file
 
 from storage import (CorruptPartError, DatasetRef, InvalidNameError, Registry, RegistryError, build, fingerprint,
                      from_png, to_png, validate_name)
@@ -155,7 +156,8 @@ def test_checkpoint_registry_lineage_and_atomic_promotion(tmp_path):
         src.mkdir()
         save_file({"w": torch.full((4,), float(cycle))}, str(src / "model.safetensors"))
         (src / "config.json").write_text('{"d": 4}')
-        meta = reg.register(str(src), parent=ids[-1] if ids else None, cycle=cycle, data_fingerprint="d" * 12,
+        meta = reg.register(str(src), checkpoint_id_of_file(src / "model.safetensors"), parent=ids[-1] if ids else None,
+                            cycle=cycle, data_fingerprint="d" * 12,
                             metrics={"gen_acc_oracle": 0.5 + cycle / 10})
         ids.append(meta.checkpoint_id)
     assert reg.promoted() is None
@@ -176,4 +178,4 @@ def test_checkpoint_registry_lineage_and_atomic_promotion(tmp_path):
     (pkl / "model.safetensors").write_bytes(b"x")
     (pkl / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(RegistryError, match="pickle"):
-        reg.register(str(pkl))
+        reg.register(str(pkl), "0123456789abcdef")

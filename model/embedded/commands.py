@@ -1,4 +1,4 @@
-"""CLI commands of the embedded model: `selfplay pretrain`, `selfplay model eval`, `selfplay bench rollout`.
+"""CLI commands of the embedded model: `selfplay model eval`, and `selfplay bench rollout` for it.
 
 Registered from flows/cli.py; heavy imports happen inside the commands so the CLI starts fast.
 """
@@ -98,19 +98,6 @@ def bench_rollout(
     print(json.dumps(out))
 
 
-def pretrain_cmd(
-    config: Optional[str] = typer.Argument(None, help="recipe YAML (configs/pretrain/*.yaml); defaults if omitted"),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
-    out: str = typer.Option("runs/pretrain", "--out", help="checkpoint directory to write"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-) -> None:
-    """Pretrain the embedded model from scratch on the world (a Prefect flow); prints the metrics JSON last."""
-    from flows.pretrain import pretrain_flow
-    metrics = pretrain_flow(config=config, overrides=list(overrides or []), out_dir=out, progress=progress)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "snapshots"}))
-
-
 def register(app: typer.Typer) -> None:
-    app.command("pretrain")(pretrain_cmd)
     app.add_typer(model_app, name="model")
     # `selfplay bench rollout` is registered in flows/cli.py: it hands a non-Janus recipe to bench_rollout here

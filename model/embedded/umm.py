@@ -1,13 +1,14 @@
 """EmbeddedUMM: the tiny unified multimodal model behind the model protocol.
 
-One transformer, one set of weights, every role: propose, generate, judge, answer, reflect, and a
-training loss per CPR kind (plus `sequence_logprob` for DPO against a frozen reference).
+One transformer, one set of weights, every role: propose, generate, judge, answer, reflect; and the training
+side (model/protocol.py `TrainableModel`): a token-mean loss per CPR kind from one forward pass over the whole
+batch (`loss_terms`), and the image log-probabilities DPO compares (`preference_logprobs`). The objectives that
+combine them are tasks/objectives.py.
 Weights are safetensors only (transformer + image codebook in one file) with a JSON config beside them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import defaultdict
@@ -25,11 +26,15 @@ from configs.loader import Strict
 from model.embedded import sequences as S
 from model.embedded.tokenizer import PatchCodebook, Vocab
 from model.embedded.transformer import Transformer, TransformerConfig
-from model.protocol import ROLES, CPRExample, Judgement
+from model.ids import checkpoint_id
+from model.protocol import ROLES, CPRExample, Judgement, LossTerm
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 BASE_DIR = Path(__file__).parent / "base"
+# the CPR kind each loss kind (sequences.KINDS) trains under: judgement trains the question kind (the judge's own
+# yes/no answers), so weights given for judgement apply to it
+CPR_KIND_OF = {"question": "judgement"}
 
 
 class SamplingDefaults(Strict):
@@ -110,7 +115,7 @@ class EmbeddedUMM:
     @property
     def model_id(self) -> str:
         if self._model_id is None:
-            self._model_id = hashlib.sha256(self.weights_bytes()).hexdigest()[:16]
+            self._model_id = checkpoint_id(self.weights_bytes())
         return self._model_id
 
     def weights_changed(self) -> None:
@@ -127,7 +132,7 @@ class EmbeddedUMM:
         data = self.weights_bytes()
         (d / WEIGHTS).write_bytes(data)
         (d / CONFIG).write_text(json.dumps(self.config_json(), indent=1) + "\n")
-        self._model_id = hashlib.sha256(data).hexdigest()[:16]
+        self._model_id = checkpoint_id(data)
         return d
 
     @classmethod
@@ -145,7 +150,7 @@ class EmbeddedUMM:
         net = Transformer(config.transformer)
         net.load_state_dict(tensors)
         net.to(device)
-        return cls(net, codebook, vocab, config, hashlib.sha256(data).hexdigest()[:16])
+        return cls(net, codebook, vocab, config, checkpoint_id(data))
 
     @property
     def device(self) -> torch.device:
@@ -434,12 +439,10 @@ class EmbeddedUMM:
     def parameters(self):
         return self.net.parameters()
 
-    def token_loss(self, ids: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor | None = None,
-                   weights: dict[str, float] | None = None, reduce: bool = True):
-        """Per-kind mean cross-entropy over target tokens, combined with per-kind weights.
-
-        Returns the weighted loss (with grad) and a dict of per-kind losses (detached tensors) for logging.
-        """
+    def kind_losses(self, ids: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor | None = None
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One forward pass over collated sequences: each loss kind's mean cross-entropy over its target tokens
+        (with grad, in sequences.KINDS order, the kinds present only), and the per-token cross-entropy."""
         dev = self.device
         ids, targets = ids.to(dev), targets.to(dev)
         logits = self.net(ids[:, :-1])
@@ -449,9 +452,6 @@ class EmbeddedUMM:
         if kinds is None:
             kinds = torch.zeros(ids.shape[0], dtype=torch.long)
         kinds = kinds.to(dev)
-        weights = weights if weights is not None else self.config.loss_weights
-        total = ce.sum() * 0.0
-        wsum = 0.0
         parts: dict[str, torch.Tensor] = {}
         for name, kid in S.KIND_IDS.items():
             rows = kinds == kid
@@ -459,14 +459,27 @@ class EmbeddedUMM:
             n = m.sum()
             if int(n) == 0:
                 continue
-            lk = (ce * m).sum() / n
-            parts[name] = lk.detach()
+            parts[name] = (ce * m).sum() / n
+        return parts, ce
+
+    def token_loss(self, ids: torch.Tensor, targets: torch.Tensor, kinds: torch.Tensor | None = None,
+                   weights: dict[str, float] | None = None, reduce: bool = True):
+        """Pretraining's loss: per-kind mean cross-entropy over target tokens, combined with per-kind weights
+        (keyed by loss kind, default the config's).
+
+        Returns the weighted loss (with grad) and a dict of per-kind losses (detached tensors) for logging.
+        """
+        parts, ce = self.kind_losses(ids, targets, kinds)
+        weights = weights if weights is not None else self.config.loss_weights
+        total = ce.sum() * 0.0
+        wsum = 0.0
+        for name, lk in parts.items():
             w = float(weights.get(name, 1.0))
             total = total + w * lk
             wsum += w
         if wsum > 0:
             total = total / wsum
-        return total, parts
+        return total, {k: v.detach() for k, v in parts.items()}
 
     def example_seqs(self, ex: CPRExample) -> tuple[str, list[tuple[list[int], list[bool]]]]:
         """The training sequences of one CPR example: (loss kind, sequences)."""
@@ -526,13 +539,14 @@ class EmbeddedUMM:
         # alone it falls (0.0192 -> 0.0146) on the same small mixture
         return [S.question_seq(v, codes, [x]) for x in qa]
 
-    def loss(self, examples: list[CPRExample], weights: dict[str, float] | None = None):
-        """Mean training loss over CPR examples of any kinds (a scalar tensor with grad).
+    @property
+    def default_loss_weights(self) -> dict[str, float]:
+        """The config's per-kind weights, keyed by CPR kind (question -> judgement)."""
+        return {CPR_KIND_OF.get(k, k): w for k, w in self.config.loss_weights.items()}
 
-        Each kind's token-mean loss counts as many times as the batch has examples of that kind (times its
-        weight): the mixture's proportions set each kind's share of the gradient, as in UniCorn. (A plain
-        per-kind mean gave the 1-in-14 reflection examples a sixth of the gradient, which cost 6 points of
-        generation accuracy in the ablation.)"""
+    def loss_terms(self, examples: list[CPRExample]) -> dict[str, LossTerm]:
+        """Per CPR kind (in sequences.KINDS order): its token-mean loss and example count. All sequences of the
+        batch run in one forward pass; each kind's loss comes out of its rows' target mask."""
         seqs, kinds, count = [], [], defaultdict(int)
         for ex in examples:
             kind, ss = self.example_seqs(ex)
@@ -540,13 +554,18 @@ class EmbeddedUMM:
             kinds += [S.KIND_IDS[kind]] * len(ss)
             count[kind] += 1 if ss else 0
         if not seqs:
-            return sum(p.sum() for p in self.net.parameters()) * 0.0
-        # CPR judgement trains the question kind (the judge's own answers); its weight is given as judgement
-        given = {("question" if k == "judgement" else k): w for k, w in (weights or {}).items()}
-        w = {**self.config.loss_weights, **given}
+            return {}
         ids, tg = S.collate(seqs, self.vocab.PAD, self.net.cfg.max_len)
-        total, _ = self.token_loss(ids, tg, torch.tensor(kinds), {k: w.get(k, 1.0) * n for k, n in count.items()})
-        return total
+        parts, _ = self.kind_losses(ids, tg, torch.tensor(kinds))
+        return {CPR_KIND_OF.get(k, k): LossTerm(lk, count[k]) for k, lk in parts.items()}
+
+    def tokens_per_example(self, example: CPRExample) -> int:
+        """Tokens of the example's training sequences; a preference pair runs two generation sequences."""
+        if example.kind == "preference":
+            gen = [CPRExample("generation", example.input_text, target_image=im)
+                   for im in (example.target_image, example.rejected_image)]
+            return sum(self.tokens_per_example(g) for g in gen)
+        return sum(len(ids) for ids, _ in self.example_seqs(example)[1])
 
     def sequence_logprob(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         """Sum of log-probabilities of each image's tokens given its prompt (B,), with grad: for DPO."""
@@ -559,21 +578,13 @@ class EmbeddedUMM:
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         return (lp * tg[:, 1:]).sum(-1)
 
-    def dpo_loss(self, examples: list[CPRExample], reference: "EmbeddedUMM", beta: float = 0.1,
-                 nll_weight: float = 1.0) -> torch.Tensor:
-        """DPO (chosen = target_image, rejected = rejected_image) against a frozen reference, plus NLL
-        on the chosen image (per token)."""
+    def preference_logprobs(self, examples: list[CPRExample]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(chosen, rejected, tokens per image): summed log-probabilities of target_image and of rejected_image
+        given input_text (B,), with grad."""
         prompts = [e.input_text for e in examples]
-        ch = [e.target_image for e in examples]
-        rj = [e.rejected_image for e in examples]
-        pc, pr = self.sequence_logprob(prompts, ch), self.sequence_logprob(prompts, rj)
-        with torch.no_grad():
-            rc, rr = reference.sequence_logprob(prompts, ch), reference.sequence_logprob(prompts, rj)
-        margin = beta * ((pc - rc) - (pr - rr))
-        loss = -F.logsigmoid(margin).mean()
-        if nll_weight:
-            loss = loss - nll_weight * pc.mean() / self.codebook.tokens_per_image
-        return loss
+        chosen = self.sequence_logprob(prompts, [e.target_image for e in examples])
+        rejected = self.sequence_logprob(prompts, [e.rejected_image for e in examples])
+        return chosen, rejected, self.codebook.tokens_per_image
 
 
 def _check_lengths(**lists) -> None:

@@ -47,7 +47,7 @@ class _Raw:
         from configs.loader import apply_overrides
 
         data = apply_overrides(yaml.safe_load(open(path)), list(overrides or []), path)
-        m = {"dtype": "auto", "random_weights": False, "path": None, "sampling": {}, "janus_config": {},
+        m = {"dtype": "auto", "random_weights": False, "path": None, "settings": {}, "janus_config": {},
              **data.get("model", {})}
         self.model = type("M", (), m)
 
@@ -67,9 +67,9 @@ def load_for_bench(config_path: str, random_weights: bool, device: str | None = 
         raise ValueError(f"{config_path}: model.backend is {m.backend!r}, not 'janus'")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if random_weights or m.random_weights:
-        umm = JanusUMM.random(m.janus_config, device=dev, dtype=m.dtype, settings=m.sampling)
+        umm = JanusUMM.random(m.janus_config, device=dev, dtype=m.dtype, settings=m.settings)
     else:
-        umm = JanusUMM.from_pretrained(m.path, device=dev, dtype=m.dtype, settings=m.sampling)
+        umm = JanusUMM.from_pretrained(m.path, device=dev, dtype=m.dtype, settings=m.settings)
     return cfg, umm
 
 

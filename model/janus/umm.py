@@ -8,10 +8,11 @@ Every role through one parameter set:
 - judge / answer / propose: text generation through the understanding path (SigLIP features in place of
   <image_placeholder> tokens) with the conversation template; the judge writes its analysis and a JSON score,
   parsed robustly (model/janus/text.py), an unparsed answer is a Judgement with parse_ok False and no score.
-- loss: per CPR kind - generation: cross-entropy over the image's VQ codes through `generation_head`
-  (transformers has no such loss); caption and judgement: the language-model loss on the answer, given the image
-  and the question; reflection: image-conditioned image-token cross-entropy. dpo_loss: DPO over image tokens
-  against a frozen reference, plus NLL on the chosen image.
+- training (model/protocol.py `TrainableModel`): a loss per CPR kind (`loss_terms`, one forward per kind) -
+  generation: cross-entropy over the image's VQ codes through `generation_head` (transformers has no such loss);
+  caption and judgement: the language-model loss on the answer, given the image and the question; reflection:
+  image-conditioned image-token cross-entropy. `preference_logprobs`: the chosen and rejected images' code
+  log-probabilities, for DPO. The objectives that combine them are tasks/objectives.py.
 Weights are safetensors only (one model.safetensors, as the checkpoint registry wants); trust_remote_code is off.
 """
 
@@ -34,7 +35,8 @@ from pydantic import Field
 from configs.loader import Strict
 from model.janus import text as T
 from model.janus.rollout import ImageRollout
-from model.protocol import ROLES, CPRExample, Judgement
+from model.ids import checkpoint_id, checkpoint_id_of_file
+from model.protocol import ROLES, CPRExample, Judgement, LossTerm
 
 WEIGHTS = "model.safetensors"
 SETTINGS = "janus_umm.json"
@@ -69,14 +71,6 @@ def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _check_lengths(**lists) -> None:
@@ -154,7 +148,7 @@ class JanusUMM:
         if (p / SETTINGS).is_file():
             data = json.loads((p / SETTINGS).read_text()).get("settings", {})
         data.update(settings or {})
-        model_id = _sha_file(p / WEIGHTS) if (p / WEIGHTS).is_file() else None
+        model_id = checkpoint_id_of_file(p / WEIGHTS) if (p / WEIGHTS).is_file() else None
         return cls(net, tok, Settings.model_validate(data), model_id=model_id)
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -170,7 +164,7 @@ class JanusUMM:
         for n in os.listdir(d):  # the registry refuses pickles: transformers writes none, keep it that way
             if n.endswith((".bin", ".pt", ".pth", ".pkl")):
                 raise RuntimeError(f"{d / n}: a pickle file was written")
-        self._model_id = _sha_file(d / WEIGHTS)
+        self._model_id = checkpoint_id_of_file(d / WEIGHTS)
         return d
 
     @property
@@ -179,7 +173,7 @@ class JanusUMM:
             from safetensors.torch import save
 
             sd = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            self._model_id = hashlib.sha256(save(sd)).hexdigest()[:16]
+            self._model_id = checkpoint_id(save(sd))
         return self._model_id
 
     def weights_changed(self) -> None:
@@ -555,40 +549,37 @@ class JanusUMM:
             target = json.dumps({"analysis": target, "score": int(meta["score"])})
         return self.judge_prompt(prompt, meta.get("rubric")), target
 
-    def example_seqs(self, ex: CPRExample) -> tuple[str, list[tuple[range, None]]]:
-        """The kind and the token count of one example (what post-training reports tokens/s from)."""
+    def tokens_per_example(self, ex: CPRExample) -> int:
+        """Tokens one example runs through the model (what post-training reports tokens/s from); a preference
+        pair runs its chosen and its rejected image's generation sequences."""
         N = self.n_image_tokens
-        if ex.kind in ("generation", "preference"):
-            n = len(self.gen_ids(ex.input_text)) + N
-        elif ex.kind == "reflection":
+        if ex.kind == "preference":
+            return 2 * (len(self.gen_ids(ex.input_text)) + N)
+        if ex.kind == "generation":
+            return len(self.gen_ids(ex.input_text)) + N
+        if ex.kind == "reflection":
             b, a = self.reflect_parts(ex.input_text)
-            n = len(b) + len(a) + 2 * N
-        elif ex.kind == "judgement":
+            return len(b) + len(a) + 2 * N
+        if ex.kind == "judgement":
             q, t = self._judgement_target(ex)
-            n = len(self.und_ids(q, " ")) + len(self.encode(t)) + 1
-        else:
-            n = len(self.und_ids(ex.input_text or T.CAPTION_TEMPLATES[0], " ")) + len(self.encode(ex.target_text or "")) + 1
-        return ex.kind, [(range(n), None)]
+            return len(self.und_ids(q, " ")) + len(self.encode(t)) + 1
+        return len(self.und_ids(ex.input_text or T.CAPTION_TEMPLATES[0], " ")) + len(self.encode(ex.target_text or "")) + 1
 
-    def loss(self, examples: list[CPRExample], weights: dict[str, float] | None = None) -> torch.Tensor:
-        """Mean training loss over CPR examples of any kinds: each kind's mean token loss, weighted by its
-        number of examples in the batch times its weight (the mixture sets each kind's share of the gradient)."""
+    @property
+    def default_loss_weights(self) -> dict[str, float]:
+        """Per-kind weights from the backend settings (`Settings.loss_weights`), keyed by CPR kind (default 1)."""
+        return dict(self.settings.loss_weights)
+
+    def loss_terms(self, examples: list[CPRExample]) -> dict[str, LossTerm]:
+        """Per CPR kind, in the order the kinds first appear in the batch: its mean token loss (one forward over
+        the kind's examples, `kind_loss`) and its example count."""
         by: dict[str, list[CPRExample]] = {}
         for ex in examples:
             if ex.kind not in ("generation", "caption", "judgement", "reflection", "question"):
                 raise ValueError(f"unknown CPR kind {ex.kind!r} (expected one of generation, caption, judgement, "
                                  "reflection)")
             by.setdefault(ex.kind, []).append(ex)
-        w = {**self.settings.loss_weights, **(weights or {})}
-        total, wsum = None, 0.0
-        for kind, exs in by.items():
-            lk = self.kind_loss(kind, exs)
-            wk = float(w.get(kind, 1.0)) * len(exs)
-            total = lk * wk if total is None else total + lk * wk
-            wsum += wk
-        if total is None:
-            return sum(p.sum() for p in self.net.parameters() if p.requires_grad) * 0.0
-        return total / wsum
+        return {kind: LossTerm(self.kind_loss(kind, exs), len(exs)) for kind, exs in by.items()}
 
     def kind_loss(self, kind: str, exs: list[CPRExample]) -> torch.Tensor:
         if kind == "generation":
@@ -607,23 +598,14 @@ class JanusUMM:
         return self.text_ce([self.und_ids(e.input_text or T.CAPTION_TEMPLATES[0], " ") for e in exs],
                             [self.encode(e.target_text or "") for e in exs], [e.input_image for e in exs])
 
-    def dpo_loss(self, examples: list[CPRExample], reference: "JanusUMM", beta: float = 0.1,
-                 nll_weight: float = 1.0) -> torch.Tensor:
-        """DPO over image tokens (chosen = target_image, rejected = rejected_image) against a frozen reference,
-        plus the chosen image's NLL per token."""
+    def preference_logprobs(self, examples: list[CPRExample]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(chosen, rejected, tokens per image): summed code log-probabilities of target_image and of rejected_image
+        given input_text (B,), with grad; both images of every pair in one forward pass."""
         B = len(examples)
         codes = self.image_codes([e.target_image for e in examples] + [e.rejected_image for e in examples])
         prefixes = [self._gen_prefix(e.input_text) for e in examples] * 2
         lp = self.image_logprob(prefixes, codes)
-        with torch.no_grad():
-            rprefixes = [reference._gen_prefix(e.input_text) for e in examples] * 2
-            rlp = reference.image_logprob(rprefixes, codes.to(reference.device))
-        pc, pr = lp[:B], lp[B:]
-        rc, rr = rlp[:B].to(lp.device), rlp[B:].to(lp.device)
-        loss = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
-        if nll_weight:
-            loss = loss - nll_weight * pc.mean() / codes.shape[1]
-        return loss
+        return lp[:B], lp[B:], codes.shape[1]
 
 
 # ---------------------------------------------------------------------- where a recipe's base checkpoint lives

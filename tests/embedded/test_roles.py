@@ -9,6 +9,7 @@ from PIL import Image
 
 from model.protocol import CPR_KINDS, ROLES, CPRExample, Judgement, UnifiedModel, require_role
 from model.world import CATEGORIES, parse, parse_reasoning, verify
+from tasks.objectives import dpo_loss, sft_loss
 
 
 def test_protocol_and_roles(base_model):
@@ -97,14 +98,14 @@ def test_loss_per_kind_has_gradients(base_model, world_batch):
     assert {e.kind for e in ex} == set(CPR_KINDS)
     for e in ex:
         base_model.net.zero_grad()
-        loss = base_model.loss([e])
+        loss = sft_loss(base_model, [e])
         assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
         loss.backward()
         g = sum(float(p.grad.abs().sum()) for p in base_model.net.parameters() if p.grad is not None)
         assert g > 0, e.kind
     base_model.net.zero_grad()
     with pytest.raises(ValueError):
-        base_model.loss([CPRExample("dance", "x")])
+        sft_loss(base_model, [CPRExample("dance", "x")])
 
 
 def test_judgement_loss_targets_the_judges_own_answers(base_model, world_batch):
@@ -131,7 +132,7 @@ def test_dpo_helpers(base_model, world_batch):
     assert float((lt - lw).mean().detach()) > 0
     ref = copy.deepcopy(base_model)
     ex = [CPRExample("generation", p, target_image=t, rejected_image=w) for p, t, w in zip(prompts[:4], true, wrong)]
-    loss = base_model.dpo_loss(ex, ref, beta=0.1, nll_weight=0.0)
+    loss = dpo_loss(base_model, ref, ex, beta=0.1, nll_weight=0.0)
     assert abs(float(loss.detach()) - float(np.log(2))) < 1e-3  # policy == reference: margin 0
     loss.backward()
     base_model.net.zero_grad()

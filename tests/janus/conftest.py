@@ -20,4 +20,4 @@ def tiny(tiny_recipe):
 
     torch.set_num_threads(1)
     m = tiny_recipe["model"]
-    return JanusUMM.random(m["janus_config"], device="cpu", dtype="float32", settings=m["sampling"])
+    return JanusUMM.random(m["janus_config"], device="cpu", dtype="float32", settings=m["settings"])

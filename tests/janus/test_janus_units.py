@@ -9,6 +9,7 @@ from model.janus import JanusUMM
 from model.janus.rollout import hash_uniform
 from model.janus.text import parse_judgement
 from model.protocol import CPRExample, Judgement
+from tasks.objectives import dpo_loss, sft_loss
 
 P = ["a red circle", "two blue squares on the left of a green star"]
 
@@ -86,7 +87,7 @@ def _examples():
 def test_each_cpr_loss_finite_with_grad(tiny, kind):
     exs = [e for e in _examples() if e.kind == kind]
     tiny.net.zero_grad(set_to_none=True)
-    loss = tiny.loss(exs)
+    loss = sft_loss(tiny, exs)
     assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()
     grads = [p.grad for p in tiny.net.parameters() if p.requires_grad and p.grad is not None]
@@ -96,15 +97,15 @@ def test_each_cpr_loss_finite_with_grad(tiny, kind):
 
 
 def test_mixed_loss_and_dpo(tiny, tiny_recipe):
-    assert torch.isfinite(tiny.loss(_examples()))
+    assert torch.isfinite(sft_loss(tiny, _examples()))
     ref = JanusUMM.random(tiny_recipe["model"]["janus_config"], dtype="float32")
     red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
     pair = [CPRExample("preference", P[0], target_image=red, rejected_image=blue)]
-    loss = tiny.dpo_loss(pair, ref, beta=0.1, nll_weight=1.0)
+    loss = dpo_loss(tiny, ref, pair, beta=0.1, nll_weight=1.0)
     assert torch.isfinite(loss) and loss.requires_grad
-    same = tiny.dpo_loss(pair, tiny, beta=0.1, nll_weight=0.0)  # against itself: margin 0 -> log 2
+    same = dpo_loss(tiny, tiny, pair, beta=0.1, nll_weight=0.0)  # against itself: margin 0 -> log 2
     assert abs(float(same) - float(np.log(2))) < 1e-4
-    assert tiny.example_seqs(pair[0])[1][0][0].stop == len(tiny.gen_ids(P[0])) + tiny.n_image_tokens
+    assert tiny.tokens_per_example(pair[0]) == 2 * (len(tiny.gen_ids(P[0])) + tiny.n_image_tokens)
 
 
 def test_save_load_roundtrip(tiny, tmp_path):

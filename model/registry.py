@@ -1,0 +1,122 @@
+"""Backends behind one registry: a name -> its typed `model` config section, loader, base checkpoint, CLI extras.
+
+A backend registers itself (`register(Backend(...))`, as torchtitan's models register their builders); the
+built-in ones are imported on first use. The pipeline never names a backend: the cycle config's `model`
+section is validated by the registered backend's config class, and stages load models through here. A
+backend added from outside (a test, a plugin) needs no edit to tasks/ or flows/.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import Field
+
+from configs.loader import Strict
+
+# imported on first use, so `selfplay --help` and config validation stay fast
+BUILTIN = {"embedded": "model.embedded.backend", "janus": "model.janus.backend"}
+
+
+class ModelSection(Strict):
+    """What every backend's `model` section has; a backend's own section subclasses it."""
+
+    backend: str
+    checkpoint: str = Field("base", description="'base' (the backend's), 'promoted', a registry id or a directory")
+    registry_line: str = Field("default", description="the checkpoint registry line (lineage + promoted pointer)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    config: type[ModelSection]
+    # (section, checkpoint directory, device) -> a model with the inference roles (and the training protocol)
+    load: Callable[[Any, str, str], Any]
+    # (section, a local folder it may write to) -> the directory of the backend's base weights
+    base_checkpoint: Callable[[Any, str], str]
+    # is this checkpoint directory one of this backend's?
+    owns: Callable[[str], bool]
+    # (directory, device, dtype) -> a trainable model read from a checkpoint's own files (post-training)
+    load_trainable: Callable[[str, str, str], Any]
+    # a rubric check at config time (the judge's rubric belongs to the backend's world), or None
+    check_rubric: Callable[[dict], None] | None = None
+    # adds the backend's own commands to the CLI (a typer app), or None
+    cli: Callable[[Any], None] | None = None
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+class UnknownBackendError(ValueError):
+    pass
+
+
+def register(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def names() -> list[str]:
+    return sorted(set(_BACKENDS) | set(BUILTIN))
+
+
+def get(name: str) -> Backend:
+    if name not in _BACKENDS and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+    if name not in _BACKENDS:
+        raise UnknownBackendError(f"unknown model backend {name!r}: registered backends are {', '.join(names())}")
+    return _BACKENDS[name]
+
+
+def all_backends() -> list[Backend]:
+    return [get(n) for n in names()]
+
+
+def section(data: Any) -> ModelSection:
+    """A cycle config's `model` section, validated by its backend's own config class."""
+    if isinstance(data, ModelSection):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping with a 'backend' key, got {type(data).__name__}")
+    return get(data.get("backend", "embedded")).config.model_validate({"backend": "embedded", **data})
+
+
+def for_directory(directory: str) -> Backend:
+    """The backend whose checkpoint files these are."""
+    for b in all_backends():
+        if b.owns(directory):
+            return b
+    raise UnknownBackendError(f"{directory}: no registered backend ({', '.join(names())}) recognises this "
+                              "checkpoint directory")
+
+
+def device_of(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=4)
+def _load(backend: str, directory: str, device: str, section_json: str) -> Any:
+    b = get(backend)
+    return b.load(b.config.model_validate_json(section_json), directory, device)
+
+
+def load(cfg: ModelSection, directory: str) -> Any:
+    """The model in `directory` for this section, cached per process (a worker keeps it resident)."""
+    # the checkpoint pointer is not part of the cache key: the directory is
+    key = cfg.model_copy(update={"checkpoint": "base"}).model_dump_json()
+    return _load(cfg.backend, directory, device_of(cfg.device), key)
+
+
+def load_trainable(directory: str, device: str = "cpu", dtype: str = "auto") -> Any:
+    """A checkpoint directory of any registered backend, uncached (a training process owns its model)."""
+    return for_directory(directory).load_trainable(directory, device, dtype)

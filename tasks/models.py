@@ -1,0 +1,68 @@
+"""Checkpoints for stages: a `model` section's pointer resolved to one registered checkpoint, and its model.
+
+Not a stage: the runner asks it which checkpoint a DAG's model is, and posttrain registers its child through
+it. Every checkpoint a stage runs is in the registry, so a run record names it by id and a rerun finds it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from model import registry
+from model.ids import checkpoint_id_of_file
+from model.registry import ModelSection
+from storage import Registry, RegistryError, Store
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    checkpoint_id: str
+    directory: str  # a local directory with its files, verified against their checksums
+
+
+def base_directory(cfg: ModelSection, store: str) -> str:
+    """The backend's base weights; a backend that materialises them (random weights, a hub id) does so once,
+    under `<store>/base-checkpoints/<backend>/`."""
+    st = Store(store)
+    if not st.is_local:
+        raise NotImplementedError("base checkpoints are materialised in a local store")
+    cache = st.path("base-checkpoints", cfg.backend)
+    os.makedirs(cache, exist_ok=True)
+    return registry.get(cfg.backend).base_checkpoint(cfg, cache)
+
+
+def register(directory: str, store: str, line: str, **lineage: Any) -> str:
+    """Register the checkpoint in `directory` (a no-op when its weights are registered); returns its id."""
+    ckpt_id = checkpoint_id_of_file(os.path.join(directory, WEIGHTS))
+    return Registry(store, line).register(directory, ckpt_id, **lineage).checkpoint_id
+
+
+def resolve(cfg: ModelSection, store: str, cycle: int = 0) -> Checkpoint:
+    """`cfg.checkpoint` ('base', 'promoted', a registry id or a directory) as one registered checkpoint."""
+    reg = Registry(store, cfg.registry_line)
+    pointer = cfg.checkpoint
+    if pointer == "promoted":
+        meta = reg.promoted()
+        pointer = meta.checkpoint_id if meta is not None else "base"  # a fresh line starts from the base
+    if pointer == "base" or os.path.isdir(pointer):
+        src = base_directory(cfg, store) if pointer == "base" else pointer
+        ckpt_id = register(src, store, cfg.registry_line, cycle=cycle)
+    elif reg.meta(pointer) is not None:
+        ckpt_id = pointer
+    else:
+        raise RegistryError(f"model.checkpoint {cfg.checkpoint!r}: not 'base', 'promoted', a directory, or a "
+                            f"checkpoint id in registry {reg.root}")
+    if reg.promoted() is None:  # a line's first checkpoint is its promoted one until a child passes the gate
+        reg.promote(ckpt_id)
+    return Checkpoint(ckpt_id, reg.local_dir(ckpt_id))
+
+
+def load(cfg: ModelSection, ckpt: Checkpoint) -> Any:
+    model = registry.load(cfg, ckpt.directory)
+    if model.model_id != ckpt.checkpoint_id:  # the registry's copy verified its checksums: this cannot drift
+        raise RegistryError(f"checkpoint {ckpt.checkpoint_id} loads as {model.model_id}")
+    return model

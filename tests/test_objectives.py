@@ -1,0 +1,176 @@
+"""The post-training objectives (tasks/objectives.py) over the TrainableModel protocol: the CPR mixture and DPO,
+on a stub backend (exact arithmetic), the shipped embedded base and a tiny random Janus."""
+
+import math
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from model.protocol import CPR_KINDS, ROLES, CPRExample, LossTerm, TrainableModel, UnifiedModel
+from tasks.objectives import dpo_loss, sft_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Stub:
+    """A TrainableModel whose kind losses are fixed multiples of one parameter: the mixture is exact arithmetic."""
+
+    default_loss_weights = {"generation": 1.0, "caption": 0.5}
+    base = {"generation": 1.0, "caption": 2.0, "judgement": 4.0, "reflection": 8.0}
+
+    def __init__(self):
+        self.net = torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.net.weight.fill_(1.0)
+
+    def loss_terms(self, examples):
+        count = {}
+        for e in examples:
+            count[e.kind] = count.get(e.kind, 0) + 1
+        w = self.net.weight.sum()
+        return {k: LossTerm(w * self.base[k], n) for k, n in count.items()}
+
+
+def _batch(**counts):
+    return [CPRExample(k, "x") for k, n in counts.items() for _ in range(n)]
+
+
+def test_mixture_weighs_each_kind_by_count_times_weight():
+    m = Stub()
+    loss = sft_loss(m, _batch(generation=3, caption=1, judgement=2))
+    # weights: generation 1 (default), caption 0.5 (default), judgement 1 (unlisted)
+    expected = (3 * 1.0 * 1.0 + 1 * 0.5 * 2.0 + 2 * 1.0 * 4.0) / (3 * 1.0 + 1 * 0.5 + 2 * 1.0)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    # not a plain mean over kinds, nor over examples
+    assert float(loss.detach()) != pytest.approx((1.0 + 2.0 + 4.0) / 3, rel=1e-3)
+    assert float(loss.detach()) != pytest.approx((3 * 1.0 + 2.0 + 2 * 4.0) / 6, rel=1e-3)
+
+
+def test_weights_override_the_backend_defaults():
+    m = Stub()
+    b = _batch(generation=2, caption=2, reflection=1)
+    loss = sft_loss(m, b, {"caption": 3.0, "reflection": 0.0})
+    expected = (2 * 1.0 * 1.0 + 2 * 3.0 * 2.0 + 0.0) / (2 * 1.0 + 2 * 3.0)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(sft_loss(m, b).detach()) != pytest.approx(expected, rel=1e-3)
+
+
+def test_empty_batch_gives_a_zero_loss_with_grad():
+    m = Stub()
+    loss = sft_loss(m, [])
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    loss.backward()
+    assert m.net.weight.grad is not None and float(m.net.weight.grad.abs().sum()) == 0.0
+
+
+# ---------------------------------------------------------------------- the embedded backend
+@pytest.fixture(scope="module")
+def embedded():
+    from model.embedded.umm import EmbeddedUMM
+
+    return EmbeddedUMM.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def world():
+    from model.world import CATEGORIES, parse, perturb, render, sample_prompt, sample_scene
+
+    rng = random.Random(99)
+    prompts = [sample_prompt(CATEGORIES[i % len(CATEGORIES)], rng) for i in range(6)]
+    specs = [parse(p).spec for p in prompts]
+    true = [render(sample_scene(s, rng)) for s in specs]
+    wrong = [render(sample_scene(perturb(s, rng), rng)) for s in specs]
+    return prompts, true, wrong
+
+
+def _cpr(model, world):
+    prompts, true, wrong = world
+    js = model.judge(prompts[:2], wrong[:2], None)
+    return ([CPRExample("generation", p, target_image=t) for p, t in zip(prompts[:3], true)]
+            + [CPRExample("caption", "which prompt made this image ?", target_text=prompts[3], input_image=true[3])]
+            + [CPRExample("judgement", p, target_text=j.reasoning, input_image=w, meta={"prompt": p})
+               for p, j, w in zip(prompts[:2], js, wrong)]
+            + [CPRExample("reflection", prompts[4], input_image=wrong[4], target_image=true[4])])
+
+
+def test_embedded_is_both_protocols_and_its_mixture_matches_its_terms(embedded, world):
+    assert isinstance(embedded, UnifiedModel) and isinstance(embedded, TrainableModel)
+    assert "loss" not in ROLES and set(ROLES) <= embedded.roles  # training is not an inference role
+    assert embedded.default_loss_weights["judgement"] == embedded.config.loss_weights["question"]
+    ex = _cpr(embedded, world)
+    with torch.no_grad():
+        terms = embedded.loss_terms(ex)
+        assert list(terms) == ["generation", "judgement", "caption", "reflection"]  # one forward, KINDS order
+        assert {k: t.count for k, t in terms.items()} == {"generation": 3, "judgement": 2, "caption": 1,
+                                                          "reflection": 1}
+        for weights in (None, {"judgement": 3.0, "generation": 0.25}):
+            w = {**embedded.default_loss_weights, **(weights or {})}
+            hand = (sum(w[k] * t.count * float(t.loss) for k, t in terms.items())
+                    / sum(w[k] * t.count for k, t in terms.items()))
+            assert float(sft_loss(embedded, ex, weights)) == pytest.approx(hand, rel=1e-5)
+    # a judgement whose reasoning does not parse trains nothing: the batch is empty
+    empty = sft_loss(embedded, [CPRExample("judgement", world[0][0], target_text="?", input_image=world[1][0])])
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError):
+        embedded.loss_terms([CPRExample("dance", "x")])
+
+
+def test_dpo_against_itself_is_log2_minus_the_nll_term(embedded, world):
+    prompts, true, wrong = world
+    pairs = [CPRExample("preference", p, target_image=t, rejected_image=w) for p, t, w in zip(prompts, true, wrong)]
+    with torch.no_grad():
+        pc, pr, n = embedded.preference_logprobs(pairs)
+        assert pc.shape == pr.shape == (len(pairs),) and n == embedded.codebook.tokens_per_image
+        assert float(dpo_loss(embedded, embedded, pairs, beta=0.1, nll_weight=0.0)) == pytest.approx(math.log(2),
+                                                                                                  abs=1e-6)
+        got = float(dpo_loss(embedded, embedded, pairs, beta=0.1, nll_weight=0.5))
+    assert got == pytest.approx(math.log(2) - 0.5 * float(pc.mean()) / n, rel=1e-6)
+    assert got > math.log(2)  # log-probabilities are negative: the NLL term adds
+    gen = CPRExample("generation", prompts[0], target_image=true[0])
+    assert embedded.tokens_per_example(pairs[0]) == 2 * embedded.tokens_per_example(gen) > 0
+
+
+# ---------------------------------------------------------------------- the Janus backend (tiny, random)
+@pytest.fixture(scope="module")
+def janus():
+    import yaml
+
+    from configs.schema import PROJECT_ROOT
+    from model.janus import JanusUMM
+
+    recipe = yaml.safe_load((PROJECT_ROOT / "configs/cycle/janus-tiny-random.yaml").read_text())
+    return JanusUMM.random(recipe["model"]["janus_config"], device="cpu", dtype="float32")
+
+
+def test_janus_gives_terms_for_every_kind_and_a_trainable_mixture(janus):
+    assert isinstance(janus, TrainableModel)
+    red = Image.new("RGB", (32, 32), (200, 30, 30))
+    blue = Image.new("RGB", (32, 32), (30, 30, 200))
+    ex = [CPRExample("generation", "a red circle", target_image=red),
+          CPRExample("caption", "Write the prompt of this image.", target_text="a red circle", input_image=red),
+          CPRExample("generation", "", target_image=blue),
+          CPRExample("judgement", "a red circle", target_text="the circle is red", input_image=red,
+                     meta={"prompt": "a red circle", "score": 9}),
+          CPRExample("reflection", "a blue square", input_image=red, target_image=blue)]
+    janus.net.zero_grad(set_to_none=True)
+    terms = janus.loss_terms(ex)
+    assert set(terms) == set(CPR_KINDS) and terms["generation"].count == 2
+    assert all(t.loss.dim() == 0 and t.loss.requires_grad and torch.isfinite(t.loss) for t in terms.values())
+    loss = sft_loss(janus, ex, {"reflection": 0.5})
+    w = {"generation": 2.0, "caption": 1.0, "judgement": 1.0, "reflection": 0.5}
+    hand = sum(w[k] * float(t.loss.detach()) for k, t in terms.items()) / sum(w.values())
+    assert torch.isfinite(loss) and float(loss.detach()) == pytest.approx(hand, rel=1e-5)
+    loss.backward()
+    grads = [p.grad for p in janus.net.model.language_model.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert janus.net.model.generation_head.proj_out.weight.grad is not None
+    assert janus.net.model.vqmodel.quantize.embedding.weight.grad is None  # the VQ model stays frozen
+    janus.net.zero_grad(set_to_none=True)
