@@ -31,7 +31,9 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/selfplay run configs/cycle/tiny.yaml
 
+# the architecture's import rules (pyproject.toml [tool.importlinter]) first, then the suite
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: install
@@ -47,7 +49,6 @@ ui: install
 # server on a free port, a temporary PREFECT_HOME and store; screenshots in runs/ui-check/, a JSON line at the end.
 ui-check: install
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-	$(PIP) install -q "playwright==1.65.2"
 	$(PY) scripts/ui_check.py
 
 clean:

@@ -38,6 +38,8 @@ class RunConfig(Strict):
 def _model_section(data: Any) -> ModelSection:
     from model import registry
 
+    if isinstance(data, dict) and data.get("backend", "embedded") not in registry.names():
+        raise ValueError(f"model.backend: unknown backend {data['backend']!r} (registered: {', '.join(registry.names())})")
     cfg = registry.section(data)
     validate_name(cfg.registry_line, "model.registry_line")
     return cfg

@@ -11,7 +11,7 @@ import torch
 from configs.schema import CycleConfig
 from flows.runner import Contexts
 from tasks import judge, propose, rollout, select
-from tasks.stage import read, run_sharded
+from tasks.stage import read, run_in_process
 
 
 def bench_stages(prompts: int = 300, samples: int = 8, threads: int | None = None) -> dict:
@@ -28,13 +28,13 @@ def bench_stages(prompts: int = 300, samples: int = 8, threads: int | None = Non
         out = {"prompts": prompts, "samples_per_prompt": samples, "torch_threads": torch.get_num_threads(),
                "model_id": ctx.model_id}
         t = time.perf_counter()
-        p = run_sharded(propose, {}, cfg.propose, ctx)["prompts"]
+        p = run_in_process(propose, {}, cfg.propose, ctx)["prompts"]
         out["propose_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        r = run_sharded(rollout, {"prompts": p}, cfg.rollout, ctx)["rollouts"]
+        r = run_in_process(rollout, {"prompts": p}, cfg.rollout, ctx)["rollouts"]
         out["rollout_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        j = run_sharded(judge, {"prompts": p, "rollouts": r}, cfg.judge, ctx)["judgements"]
+        j = run_in_process(judge, {"prompts": p, "rollouts": r}, cfg.judge, ctx)["judgements"]
         out["judge_s"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         s = select.run({"prompts": p, "judgements": j}, cfg.select, ctx)

@@ -9,7 +9,7 @@ backend added from outside (a test, a plugin) needs no edit to tasks/ or flows/.
 from __future__ import annotations
 
 import importlib
-import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +21,9 @@ from configs.loader import Strict
 
 # imported on first use, so `selfplay --help` and config validation stay fast
 BUILTIN = {"embedded": "model.embedded.backend", "janus": "model.janus.backend"}
+# modules that register more backends (comma-separated), imported on first lookup in every process that
+# looks one up, the post-training workers included: a backend outside this package needs no edit here
+PLUGINS_ENV = "SELFPLAY_BACKENDS"
 
 
 class ModelSection(Strict):
@@ -62,11 +65,18 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+def _import_plugins() -> None:
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        importlib.import_module(module)
+
+
 def names() -> list[str]:
+    _import_plugins()
     return sorted(set(_BACKENDS) | set(BUILTIN))
 
 
 def get(name: str) -> Backend:
+    _import_plugins()
     if name not in _BACKENDS and name in BUILTIN:
         importlib.import_module(BUILTIN[name])
     if name not in _BACKENDS:

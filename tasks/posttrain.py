@@ -91,8 +91,8 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
         raise NotImplementedError("posttrain writes its checkpoints to a local or mounted store path")
     if ctx.model_dir is None:
         raise ValueError("posttrain: the context names no parent checkpoint directory")
-    p = make_plan(STAGE, inputs, cfg.model_dump(mode="json", exclude=SPEED_ONLY), ctx)
-    out = Path(store.path(ctx.run, f"posttrain-{p.ref.fingerprint[:12]}"))
+    p = plan_of(inputs, cfg, ctx)
+    out = work_dir(p, ctx)
 
     def train(_: int) -> pa.Table:
         final = out / "final"
@@ -113,6 +113,15 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
 
         shutil.rmtree(out, ignore_errors=True)
     return {"checkpoint": build_plan(p, train, ctx, refresh)}
+
+
+def work_dir(plan, ctx: StageContext) -> Path:
+    """Where the trainer of this plan writes its checkpoints, logs and `final/` model."""
+    return Path(Store(ctx.store).path(ctx.run, f"posttrain-{plan.ref.fingerprint[:12]}"))
+
+
+def plan_of(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext):
+    return make_plan(STAGE, inputs, cfg.model_dump(mode="json", exclude=SPEED_ONLY), ctx)
 
 
 def child_of(ref: DatasetRef) -> dict:

@@ -172,10 +172,10 @@ def main(job_path: str) -> None:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
     torch.manual_seed(cfg.seed)
 
-    from model.loader import load_directory  # the trainable backend, read from the checkpoint's own files
+    from model.registry import load_trainable  # the backend is read from the checkpoint's own files
 
-    umm = load_directory(job["parent_dir"], device=device, dtype="float32")
-    reference = load_directory(job["parent_dir"], device=device, dtype="float32") if cfg.objective == "dpo" else None
+    umm = load_trainable(job["parent_dir"], device=device, dtype="float32")
+    reference = load_trainable(job["parent_dir"], device=device, dtype="float32") if cfg.objective == "dpo" else None
     if reference is not None:
         reference.net.requires_grad_(False).eval()
         if bf16:

@@ -5,7 +5,7 @@ schemas), its config section(s) and code version. Then either `plan(inputs, cfg,
 `compute_part(plan, i, ctx) -> pyarrow.Table` (sharded: one Parquet part per shard), or one
 `run(inputs, cfg, ctx, refresh) -> {output: DatasetRef}`. `cfg` is the stage's config section (a dict of
 sections when the stage reads several). The Prefect runner (flows/runner.py) maps `compute_part` over the
-missing shards and commits; `build_plan` does the same in-process, so a stage runs and is tested without
+missing shards and commits; `run_in_process` does the same without Prefect, so a stage runs and is tested without
 Prefect and resumes under it.
 """
 
@@ -114,9 +114,11 @@ def build_plan(plan: StagePlan, compute_part: Callable[[int], pa.Table], ctx: St
     return plan.ref
 
 
-def run_sharded(module: Any, inputs: Mapping[str, DatasetRef], cfg: Any, ctx: StageContext,
-                refresh: bool = False) -> dict[str, DatasetRef]:
-    """A sharded stage in-process (no Prefect): every part computed here, in order."""
+def run_in_process(module: Any, inputs: Mapping[str, DatasetRef], cfg: Any, ctx: StageContext,
+                   refresh: bool = False) -> dict[str, DatasetRef]:
+    """Any stage in this process, without Prefect (a sharded one computes its parts here, in order)."""
+    if not module.STAGE.sharded:
+        return module.run(dict(inputs), cfg, ctx, refresh)
     p = module.plan(dict(inputs), cfg, ctx)
     return {p.ref.stage: build_plan(p, lambda i: module.compute_part(p, i, ctx), ctx, refresh)}
 

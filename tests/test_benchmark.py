@@ -8,9 +8,10 @@ import torch
 
 from configs.schema import BenchmarkConfig
 from model.embedded.umm import EmbeddedUMM
-from tasks import benchmark
-from tasks.benchmark import paired_delta, rejudge
-from tasks.common import StageContext, read
+from tasks import benchmark, judge_shift, suite
+from tasks.judge_shift import rejudge
+from tasks.stage import StageContext, read
+from tasks.stats import paired_delta
 
 CFG = BenchmarkConfig(prompts_per_category=3, samples=2, cfg_scale=1.0, temperature=1.8, bootstrap=200)
 
@@ -24,7 +25,7 @@ def base():
 def items(base, tmp_path_factory):
     ctx = StageContext(store=str(tmp_path_factory.mktemp("bench")), run="b", model_loader=lambda: base,
                        model_id=base.model_id, log=lambda _: None)
-    return ctx, benchmark.run(CFG, ctx)["benchmark_items"]
+    return ctx, benchmark.run(suite.run({}, CFG, ctx), CFG, ctx)["benchmark_items"]
 
 
 def shifted_judge(base: EmbeddedUMM) -> EmbeddedUMM:
@@ -51,17 +52,18 @@ def test_judge_on_images_measures_another_judge_on_the_same_images(base, items):
     ctx, ref = items
     other = shifted_judge(base)
     octx = dataclasses.replace(ctx, model_loader=lambda: other, model_id=other.model_id, _model=None)
-    out = benchmark.judge_on_images(ref, CFG, octx)
+    out = judge_shift.run({"benchmark_items": ref}, CFG, octx)
     author = read(ref).to_pylist()
     judged = read(out["judge_on_images"]).to_pylist()
-    assert out["images_of"] == base.model_id and {r["checkpoint_id"] for r in judged} == {other.model_id}
+    assert {r["checkpoint_id"] for r in author} == {base.model_id}
+    assert {r["checkpoint_id"] for r in judged} == {other.model_id}
     assert [r["oracle_ok"] for r in judged] == [r["oracle_ok"] for r in author]  # same images, same truth
     assert [r["self_score"] for r in judged] != [r["self_score"] for r in author]
     d = paired_delta(author, judged, "judge_oracle_agreement", CFG)
-    assert out["delta"]["delta"] == pytest.approx(d["delta"])
     assert d["ci_low"] - 1e-9 <= d["delta"] <= d["ci_high"] + 1e-9
-    same = benchmark.judge_on_images(ref, CFG, ctx)  # the author's own judge: no change at all
-    assert same["delta"]["delta"] == 0.0 and same["delta"]["ci_low"] == same["delta"]["ci_high"] == 0.0
+    own = judge_shift.run({"benchmark_items": ref}, CFG, ctx)  # the author's own judge: no change at all
+    same = paired_delta(author, read(own["judge_on_images"]).to_pylist(), "judge_oracle_agreement", CFG)
+    assert same["delta"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0
 
 
 def test_rejudge_refuses_items_without_images(base, items):

@@ -1,14 +1,14 @@
 """One full cycle as a real Prefect flow run on the embedded model: JSON summary, registry lineage, gate, report,
-cache on a second run; and the nightly flow chaining cycles through the promoted pointer and discard pool."""
+cache on a second run; the nightly flow chaining cycles through the promoted pointer and discard pool; and
+one-stage reruns of each recorded cycle replaying exactly what it ran."""
 
-import json
 from pathlib import Path
 
 import pytest
 
 from configs.schema import CycleConfig
-from flows.cycle import cycle_flow, load_run_state, nightly_flow
-from storage import Registry
+from flows.cycle import cycle_flow, nightly_flow, stage_flow
+from storage import Dataset, Registry, RunRecords
 
 SMALL = {"model": {"device": "cpu"}, "propose": {"num_prompts": 48}, "rollout": {"prompts_per_shard": 24},
          "posttrain": {"steps": 12, "micro_batch": 16, "checkpoint_every": 6},
@@ -49,14 +49,48 @@ def test_cycle_summary_registry_report_and_cache(tmp_path, prefect_api):
     assert again["child"] == first["child"] and again["parent"] == first["parent"]
 
 
-def test_nightly_chains_cycles_from_the_promoted_checkpoint(tmp_path, prefect_api):
+def test_nightly_chains_cycles_and_each_recorded_stage_reruns_as_it_ran(tmp_path, prefect_api):
     cfg = small_cfg(tmp_path, "night", gate={"min_gain": -1.0, "max_understanding_drop": 1.0})  # always promote
     results = nightly_flow(cfg, cycles=2)
+    stamps = {ref.path: Dataset(ref).manifest().created_at for c in (0, 1)
+              for node in RunRecords(str(tmp_path), "night").load(c).nodes.values() for ref in node.outputs.values()}
     assert [r["cycle"] for r in results] == [0, 1] and all(r["promoted"] for r in results)
     assert results[1]["parent"]["checkpoint_id"] == results[0]["child"]["checkpoint_id"]
     lineage = Registry(str(tmp_path)).lineage(results[1]["child"]["checkpoint_id"])
     assert [m.checkpoint_id for m in lineage][:3] == [results[1]["child"]["checkpoint_id"],
                                                       results[0]["child"]["checkpoint_id"],
                                                       results[0]["parent"]["checkpoint_id"]]
-    state = load_run_state(str(tmp_path), "night")
-    assert {"cycle0", "cycle1"} <= set(state)
+    records = RunRecords(str(tmp_path), "night")
+    assert records.cycles() == [0, 1]
+    rec0, rec1 = records.load(0), records.load(1)
+    # cycle 1 ran from the promoted checkpoint, recorded by id, and from cycle 0's discard pool and seed library
+    assert rec1.checkpoint_id == results[0]["child"]["checkpoint_id"] == rec1.config["model"]["checkpoint"]
+    assert rec1.carried == {k: rec0.outputs("select")[k] for k in ("discard_pool", "seed_library")}
+    assert rec1.nodes["propose"].inputs["discard_pool"] == rec0.outputs("select")["discard_pool"]
+
+    # each cycle's propose, select and judge rerun alone: a cache hit on the recorded data and checkpoint
+    for rec in (rec0, rec1):
+        for stage in ("propose", "select", "judge"):
+            out = stage_flow(stage, "night", rec.cycle, store=str(tmp_path), only=True)
+            node = out["nodes"][stage]
+            assert node["outputs"] == node["recorded"], (rec.cycle, stage)
+            assert node["checkpoint_id"] == rec.nodes[stage].checkpoint_id, (rec.cycle, stage)
+            for ref in rec.nodes[stage].outputs.values():
+                assert Dataset(ref).manifest().created_at == stamps[ref.path], (rec.cycle, stage)
+
+
+    # a new rubric for cycle 1's judge: the judge and what depends on it recompute, with the checkpoint that drew
+    # cycle 1's rollouts (its parent), not the promoted one (cycle 1's child); the pointer does not move
+    promoted = Registry(str(tmp_path)).promoted().checkpoint_id
+    assert promoted == results[1]["child"]["checkpoint_id"] != rec1.checkpoint_id
+    out = stage_flow("judge", "night", 1, ["judge.rubric.partial_max=4"], store=str(tmp_path))
+    assert out["nodes"]["judge"]["checkpoint_id"] == rec1.checkpoint_id
+    assert out["nodes"]["judge"]["outputs"] != out["nodes"]["judge"]["recorded"]
+    assert set(out["nodes"]) == {"judge", "select", "reconstruct", "posttrain", "benchmark_child", "judge_shift",
+                                 "gate", "report"}
+    assert out["nodes"]["select"]["outputs"]["selections"] != out["nodes"]["select"]["recorded"]["selections"]
+    for ref in (*rec1.outputs("propose").values(), *rec1.outputs("rollout").values()):  # not rerun
+        assert Dataset(ref).manifest().created_at == stamps[ref.path]
+    assert Registry(str(tmp_path)).promoted().checkpoint_id == promoted
+    assert RunRecords(str(tmp_path), "night").load(1) == rec1, "the cycle's own record stays as it ran"
+    assert Path(out["record"]).is_file()

@@ -8,12 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import CycleConfig
-from flows.cycle import generate_flow, load_run_state
-from storage import Dataset, DatasetRef
+from flows.cycle import generate_flow
+from storage import Dataset, RunRecords
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +25,10 @@ def cfg_for(store, name="gen", **sections):
     return CycleConfig.model_validate(base)
 
 
-def refs_of(store, run):
-    return {k: DatasetRef.model_validate(v) for k, v in load_run_state(str(store), run)["refs"].items()}
+def refs_of(store, run, cycle=None):
+    """Every dataset the run's recorded cycle wrote, by name."""
+    rec = RunRecords(str(store), run).load(cycle)
+    return {k: v for node in rec.nodes.values() for k, v in node.outputs.items()}
 
 
 def created(ref):
@@ -87,12 +88,12 @@ def test_threshold_recomputes_only_select_and_rubric_only_judge_and_select(first
     generate_flow(cfg.model_copy(update={"select": cfg.select.model_copy(update={"threshold": 9.0})}))
     after = refs_of(store, "gen")
     same = {k for k in before if before[k].fingerprint == after[k].fingerprint}
-    assert same == {"prompts", "rollouts", "judgements"}
+    assert same == {"suite", "prompts", "rollouts", "judgements"}
     assert {created(after[k]) for k in same} == {created(before[k]) for k in same}
     rubric = {"partial_max": 5}
     generate_flow(cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"rubric": rubric})}))
     third = refs_of(store, "gen")
-    assert {k for k in before if before[k].fingerprint == third[k].fingerprint} == {"prompts", "rollouts"}
+    assert {k for k in before if before[k].fingerprint == third[k].fingerprint} == {"suite", "prompts", "rollouts"}
 
 
 def test_sigkill_mid_rollout_then_rerun_has_exact_rows(tmp_path, prefect_api):
@@ -122,21 +123,25 @@ def test_sigkill_mid_rollout_then_rerun_has_exact_rows(tmp_path, prefect_api):
     assert len({(r["prompt_id"], r["sample_idx"]) for r in rows}) == 64 * 8
 
 
-def test_single_stage_rerun_from_cached_upstream(first_run):
-    from flows.cycle import config_for_run, stage_flow
+def test_single_stage_rerun_from_the_run_record(first_run):
+    from flows.cycle import stage_flow
+    from flows.dags import DagError
 
     store, cfg, _ = first_run
     before = refs_of(store, "gen")
-    new_cfg = config_for_run(str(store), "gen", ["judge.rubric.partial_max=4"])
-    out = stage_flow("judge", new_cfg)
-    after = refs_of(store, "gen")
-    assert after["judgements"].fingerprint != before["judgements"].fingerprint
-    assert out["judgements"] == after["judgements"].path
-    assert after["rollouts"] == before["rollouts"] and created(after["rollouts"]) == created(before["rollouts"])
-    stamp = created(after["judgements"])
-    stage_flow("judge", new_cfg)  # cached
-    assert created(refs_of(store, "gen")["judgements"]) == stamp
-    stage_flow("judge", new_cfg, refresh=True)  # forced
-    assert created(refs_of(store, "gen")["judgements"]) != stamp
-    with pytest.raises(Exception, match="unknown stage"):
-        stage_flow("paint", new_cfg)
+    over = ["judge.rubric.partial_max=4"]
+    out = stage_flow("judge", "gen", overrides=over, store=str(store))
+    assert list(out["nodes"]) == ["judge", "select"]  # the stage and what depends on it
+    judged = out["nodes"]["judge"]["outputs"]["judgements"]
+    assert judged != before["judgements"].path and out["nodes"]["select"]["outputs"]["selections"] != \
+        before["selections"].path
+    assert refs_of(store, "gen") == before, "the cycle's own record stays as it ran"
+    assert created(before["rollouts"]) == created(refs_of(store, "gen")["rollouts"])
+    stamp = Path(judged, "_manifest.json").stat().st_mtime_ns
+    again = stage_flow("judge", "gen", overrides=over, store=str(store), only=True)  # cached
+    assert list(again["nodes"]) == ["judge"] and again["nodes"]["judge"]["outputs"]["judgements"] == judged
+    assert Path(judged, "_manifest.json").stat().st_mtime_ns == stamp
+    stage_flow("judge", "gen", overrides=over, store=str(store), only=True, refresh=True)  # forced
+    assert Path(judged, "_manifest.json").stat().st_mtime_ns != stamp
+    with pytest.raises(DagError, match="'paint' is not in run"):
+        stage_flow("paint", "gen", store=str(store))

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from configs.schema import CycleConfig, PosttrainConfig
-from flows.cycle import make_context
+from flows.runner import Contexts
 from storage import Dataset, Registry
 from tasks import judge, posttrain, propose, reconstruct, rollout, select
+from tasks.posttrain import child_of
+from tasks.stage import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +28,11 @@ def generated(tmp_path_factory):
     cfg = CycleConfig.model_validate({"run": {"name": "learn", "store": str(store)}, "model": {"device": "cpu"},
                                       "propose": {"num_prompts": 96}, "rollout": {"prompts_per_shard": 48},
                                       "reconstruct": {"heldout_share": 0.25}})
-    ctx = make_context(cfg)
+    ctx = Contexts(cfg, replay=False).for_checkpoint(cfg.model.checkpoint)
     ctx.log = lambda _: None
-    refs = {"prompts": propose.run({}, cfg.propose, ctx)}
-    refs["rollouts"] = rollout.run({"prompts": refs["prompts"]}, cfg.rollout, ctx)
-    refs["judgements"] = judge.run({k: refs[k] for k in ("prompts", "rollouts")}, cfg.judge, ctx)
+    refs = run_in_process(propose, {}, cfg.propose, ctx)
+    refs.update(run_in_process(rollout, {"prompts": refs["prompts"]}, cfg.rollout, ctx))
+    refs.update(run_in_process(judge, {k: refs[k] for k in ("prompts", "rollouts")}, cfg.judge, ctx))
     refs.update(select.run({k: refs[k] for k in ("prompts", "judgements")}, cfg.select, ctx))
     refs.update(reconstruct.run({k: refs[k] for k in ("prompts", "rollouts", "judgements", "selections")},
                                 cfg.reconstruct, ctx))
@@ -58,6 +60,11 @@ def test_cpr_kinds_mixture_and_lineage(generated):
     assert {r["split"] for r in rows} == {"train", "heldout"}
 
 
+def train(refs, cfg, ctx) -> dict:
+    """posttrain on the CPR data; the child's checkpoint row (id, dir, metrics)."""
+    return child_of(posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, cfg, ctx)["checkpoint"])
+
+
 def _posttrain_cfg(**kw):
     return PosttrainConfig.model_validate({"steps": 40, "micro_batch": 16, "lr": 5e-5, "warmup_steps": 5,
                                           "checkpoint_every": 10, **kw})
@@ -65,7 +72,7 @@ def _posttrain_cfg(**kw):
 
 def test_sft_lowers_heldout_loss_on_every_kind_and_registers_lineage(generated):
     store, cfg, ctx, refs = generated
-    out = posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, _posttrain_cfg(), ctx, None)
+    out = train(refs, _posttrain_cfg(), ctx)
     m = out["metrics"]
     assert set(m["heldout_before"]) == {"generation", "caption", "judgement", "reflection"}
     for kind in ("generation", "caption", "judgement", "reflection"):
@@ -77,8 +84,7 @@ def test_sft_lowers_heldout_loss_on_every_kind_and_registers_lineage(generated):
 
 def test_dpo_objective_trains_and_differs_from_sft(generated):
     store, cfg, ctx, refs = generated
-    out = posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, _posttrain_cfg(objective="dpo", steps=10), ctx,
-                        None)
+    out = train(refs, _posttrain_cfg(objective="dpo", steps=10), ctx)
     assert out["metrics"]["objective"] == "dpo" and out["metrics"]["steps"] == 10
     assert out["checkpoint_id"] != ctx.model_id
 
@@ -88,14 +94,16 @@ def test_killed_posttrain_resumes_from_last_checkpoint(generated, tmp_path):
     pcfg = _posttrain_cfg(steps=60, seed=1)
     script = (
         "import json,sys; from storage import DatasetRef; from configs.schema import PosttrainConfig;"
-        "from tasks.common import StageContext; from tasks import posttrain;"
-        "a=json.loads(sys.argv[1]); ctx=StageContext(store=a['store'], run='learn', model_id=a['model_id']);"
+        "from tasks.stage import StageContext; from tasks import posttrain;"
+        "a=json.loads(sys.argv[1]); ctx=StageContext(store=a['store'], run='learn', model_id=a['model_id'],"
+        " model_dir=a['model_dir']);"
         "out=posttrain.run({k: DatasetRef.model_validate(v) for k, v in a['refs'].items()},"
-        " PosttrainConfig.model_validate(a['cfg']), ctx, None); print(json.dumps(out['metrics']))")
-    arg = json.dumps({"store": str(store), "model_id": ctx.model_id, "cfg": pcfg.model_dump(mode="json"),
-                      "refs": {k: refs[k].model_dump() for k in ("cpr", "dpo_pairs")}})
+        " PosttrainConfig.model_validate(a['cfg']), ctx); print(json.dumps(posttrain.child_of(out['checkpoint'])"
+        "['metrics']))")
+    arg = json.dumps({"store": str(store), "model_id": ctx.model_id, "model_dir": ctx.model_dir,
+                      "cfg": pcfg.model_dump(mode="json"), "refs": {k: refs[k].model_dump() for k in ("cpr", "dpo_pairs")}})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out_dir = posttrain.out_dir({k: refs[k] for k in ("cpr", "dpo_pairs")}, pcfg, ctx)
+    out_dir = posttrain.work_dir(posttrain.plan_of({k: refs[k] for k in ("cpr", "dpo_pairs")}, pcfg, ctx), ctx)
     proc = subprocess.Popen([sys.executable, "-c", script, arg], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -119,8 +127,7 @@ def test_ema_export_averages_weights_and_keeps_integer_buffers(generated):
     from model.embedded.umm import BASE_DIR
 
     store, cfg, ctx, refs = generated
-    out = posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")},
-                        _posttrain_cfg(steps=20, ema_decay=0.9, export="ema"), ctx, None)
+    out = train(refs, _posttrain_cfg(steps=20, ema_decay=0.9, export="ema"), ctx)
     child = load_file(str(Path(out["dir"]) / "model.safetensors"))
     parent = load_file(str(BASE_DIR / "model.safetensors"))
     ints = [k for k, v in parent.items() if not v.is_floating_point()]
@@ -137,12 +144,11 @@ def test_freeze_keeps_matching_parameters_fixed_and_names_a_bad_pattern(generate
     from model.embedded.umm import BASE_DIR
 
     store, cfg, ctx, refs = generated
-    inputs = {k: refs[k] for k in ("cpr", "dpo_pairs")}
-    out = posttrain.run(inputs, _posttrain_cfg(steps=6, freeze=["blocks.0.*", "fac_*"]), ctx, None)
+    out = train(refs, _posttrain_cfg(steps=6, freeze=["blocks.0.*", "fac_*"]), ctx)
     child = load_file(str(Path(out["dir"]) / "model.safetensors"))
     parent = load_file(str(BASE_DIR / "model.safetensors"))
     frozen = [k for k in parent if k.startswith(("blocks.0.", "fac_"))]
     assert frozen and all(torch.equal(child[k], parent[k]) for k in frozen)
     assert not torch.equal(child["blocks.1.fc1.weight"], parent["blocks.1.fc1.weight"])  # the rest trained
     with pytest.raises(RuntimeError, match=r"posttrain.freeze: 'block.*' matches no parameter"):
-        posttrain.run(inputs, _posttrain_cfg(steps=6, freeze=["block.*"]), ctx, None)
+        train(refs, _posttrain_cfg(steps=6, freeze=["block.*"]), ctx)

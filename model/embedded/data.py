@@ -163,7 +163,7 @@ class CorpusBuilder:
         return self.cb.encode_arrays(image_to_array(img)[None])[0]
 
     def one(self, rng: random.Random) -> tuple[list[int], list[bool], int]:
-        from model.world import facts, questions, render, verify
+        from model.world import questions, render, verify
         m = self.mix
         kinds = ["generation", "question", "caption", "propose", "reflection"]
         kind = rng.choices(kinds, [m.generation, m.question, m.caption, m.propose, m.reflection])[0]

@@ -29,7 +29,7 @@ def heldout_prompts(n: int, seed: int = 20261122) -> list[tuple[str, str]]:
 
 
 def understanding_accuracy(model, prompts: list[str], seed: int) -> tuple[float, int]:
-    from model.world import facts, parse, render, sample_scene, verify
+    from model.world import parse, render, sample_scene, verify
     rng = random.Random(seed)
     imgs, qs, owner, truth = [], [], [], []
     for i, p in enumerate(prompts):

@@ -11,7 +11,6 @@ snapshots against the oracle, keeps the chosen one, and writes the checkpoint di
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import queue

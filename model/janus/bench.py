@@ -37,40 +37,36 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-class _Raw:
-    """A recipe's model section read as plain YAML, where the typed configs cannot be imported (a GPU machine
-    without the artifact store's dependencies)."""
+def _model_section(config_path: str, overrides):
+    """A recipe's `model` section, typed where pydantic is installed, else as plain YAML (a GPU machine without
+    the artifact store's dependencies)."""
+    import yaml
 
-    def __init__(self, path: str, overrides):
-        import yaml
+    from configs.loader import apply_overrides
 
-        from configs.loader import apply_overrides
-
-        data = apply_overrides(yaml.safe_load(open(path)), list(overrides or []), path)
-        m = {"dtype": "auto", "random_weights": False, "path": None, "settings": {}, "janus_config": {},
-             **data.get("model", {})}
-        self.model = type("M", (), m)
+    data = apply_overrides(yaml.safe_load(open(config_path)) or {}, list(overrides or []), config_path)
+    m = data.get("model", {})
+    if m.get("backend") != "janus":
+        raise ValueError(f"{config_path}: model.backend is {m.get('backend')!r}, not 'janus'")
+    try:
+        from model.janus.backend import JanusSection
+    except ImportError:
+        return type("M", (), {"dtype": "auto", "random_weights": False, "path": None, "settings": {},
+                              "janus_config": {}, **m})
+    return JanusSection.model_validate(m)
 
 
 def load_for_bench(config_path: str, random_weights: bool, device: str | None = None, overrides=None):
+    """(the recipe's model section, the model it describes)."""
     from model.janus import JanusUMM
 
-    try:
-        from configs.loader import load_config
-        from configs.schema import CycleConfig
-
-        cfg = load_config(config_path, CycleConfig, list(overrides or []))
-    except ImportError:
-        cfg = _Raw(config_path, overrides)
-    m = cfg.model
-    if m.backend != "janus":
-        raise ValueError(f"{config_path}: model.backend is {m.backend!r}, not 'janus'")
+    m = _model_section(config_path, overrides)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if random_weights or m.random_weights:
         umm = JanusUMM.random(m.janus_config, device=dev, dtype=m.dtype, settings=m.settings)
     else:
         umm = JanusUMM.from_pretrained(m.path, device=dev, dtype=m.dtype, settings=m.settings)
-    return cfg, umm
+    return m, umm
 
 
 def bench_prompts(n: int, seed: int = 0) -> list[str]:
@@ -178,7 +174,7 @@ def bench_rollout(config: str, random_weights: bool = True, prompts: int = 32, s
     opt-in fp8 KV cache at the first batch, with the share of its tokens equal to the configured engine's."""
     cfg, umm = load_for_bench(config, random_weights, overrides=overrides)
     ps = bench_prompts(prompts)
-    res: dict[str, Any] = {"config": config, "random_weights": bool(random_weights or cfg.model.random_weights),
+    res: dict[str, Any] = {"config": config, "random_weights": bool(random_weights or cfg.random_weights),
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                            "dtype": str(umm.dtype).replace("torch.", ""), "params": umm.num_params(),
                            "prompts": prompts, "samples_per_prompt": samples, "cfg_scale": cfg_scale,

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -606,46 +605,6 @@ class JanusUMM:
         prefixes = [self._gen_prefix(e.input_text) for e in examples] * 2
         lp = self.image_logprob(prefixes, codes)
         return lp[:B], lp[B:], codes.shape[1]
-
-
-# ---------------------------------------------------------------------- where a recipe's base checkpoint lives
-def base_dir(cfg, store: str) -> str:
-    """A local directory with the recipe's base Janus checkpoint (model.safetensors in one file, as the registry
-    wants): the configured local directory itself, or one materialised once under `<store>/janus-base/` from
-    random weights of the configured shapes or from a hub id / sharded checkpoint."""
-    from storage import Store
-
-    if cfg.trust_remote_code:
-        raise ValueError("model.trust_remote_code must stay off: Janus is native to transformers")
-    if not cfg.random_weights:
-        if not cfg.path:
-            raise ValueError("model.backend 'janus' needs model.path (hub id or local directory) or "
-                             "model.random_weights: true")
-        if os.path.isdir(cfg.path) and os.path.isfile(os.path.join(cfg.path, WEIGHTS)):
-            return cfg.path
-    st = Store(store)
-    if not st.is_local:
-        raise NotImplementedError("the Janus base checkpoint is materialised in a local store")
-    if cfg.random_weights:
-        key = hashlib.sha256(json.dumps({"config": cfg.janus_config, "dtype": cfg.dtype}, sort_keys=True)
-                             .encode()).hexdigest()[:12]
-        name = f"random-{key}"
-    else:
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", cfg.path.strip("/"))[-80:]
-    d = Path(st.path("janus-base", name))
-    if not (d / WEIGHTS).is_file():
-        if cfg.random_weights:
-            dt = "float32" if cfg.dtype == "auto" else cfg.dtype
-            umm = JanusUMM.random(cfg.janus_config, device="cpu", dtype=dt, settings=cfg.sampling)
-        else:
-            umm = JanusUMM.from_pretrained(cfg.path, device="cpu", dtype="float32" if cfg.dtype == "auto"
-                                           else cfg.dtype, settings=cfg.sampling)
-        tmp = d.with_name(d.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        umm.save_pretrained(tmp)
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-    return str(d)
 
 
 def is_janus_dir(directory: str | None) -> bool:

@@ -119,6 +119,6 @@ def test_save_load_roundtrip(tiny, tmp_path):
     a = tiny.generate(P[:1], [4], [3.0])
     b = back.generate(P[:1], [4], [3.0])
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
-    from model.loader import load_directory
+    from model.registry import load_trainable
 
-    assert isinstance(load_directory(str(d)), JanusUMM)
+    assert isinstance(load_trainable(str(d)), JanusUMM)
