@@ -5,7 +5,6 @@ Every error is one `ConfigError` whose message names the file, the key path and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,7 +99,3 @@ def canonical_json(obj: Any) -> str:
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json")
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()

@@ -153,41 +153,56 @@ def latest_checkpoint(ckpt_root: Path, world: int) -> tuple[Path, dict] | None:
     return None
 
 
-def main(job_path: str) -> None:
+@dataclasses.dataclass
+class Run:
+    """One rank's training run: what setup builds, the loop advances and save exports."""
+
+    cfg: PosttrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: str
+    cuda: bool
+    bf16: bool
+    umm: object = None
+    engine: object = None
+    train: list = dataclasses.field(default_factory=list)
+    heldout: list = dataclasses.field(default_factory=list)
+    ema: dict | None = None
+    start: int = 0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def setup(job: dict) -> Run:
+    """Distributed init, the parent model (and a frozen reference for DPO), the examples, the DeepSpeed engine."""
     import deepspeed
     import torch.distributed as dist
 
-    from tasks.posttrain import die_with_parent
+    from model.registry import load_trainable  # the backend is read from the checkpoint's own files
 
-    die_with_parent()  # torchrun's death (e.g. the stage was killed) takes this rank with it
-    job = json.loads(Path(job_path).read_text())
     cfg = PosttrainConfig.model_validate(job["posttrain"])
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = f"cuda:{local}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(local)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    run = Run(cfg, Path(job["out_dir"]), dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu",
+              cuda, bf16)
     torch.manual_seed(cfg.seed)
-
-    from model.registry import load_trainable  # the backend is read from the checkpoint's own files
-
-    umm = load_trainable(job["parent_dir"], device=device, dtype="float32")
-    reference = load_trainable(job["parent_dir"], device=device, dtype="float32") if cfg.objective == "dpo" else None
-    if reference is not None:
+    run.umm = load_trainable(job["parent_dir"], device=run.device, dtype="float32")
+    reference = None
+    if cfg.objective == "dpo":
+        reference = load_trainable(job["parent_dir"], device=run.device, dtype="float32")
         reference.net.requires_grad_(False).eval()
         if bf16:
             reference.net.to(torch.bfloat16)
     source = job["dpo_pairs"] if cfg.objective == "dpo" else job["cpr"]
-    train = load_examples(source, "train")
-    heldout = load_examples(job["cpr"], "heldout")
-    if not train:
+    run.train, run.heldout = load_examples(source, "train"), load_examples(job["cpr"], "heldout")
+    if not run.train:
         raise SystemExit(f"posttrain: no training examples in {DatasetRef.model_validate(source).name}")
-
-    freeze_parameters(umm.net, cfg.freeze)
-    model = Objective(umm, cfg, reference)
+    freeze_parameters(run.umm.net, cfg.freeze)
+    model = Objective(run.umm, cfg, reference)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=cfg.betas, weight_decay=cfg.weight_decay)
     ds_config = {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
@@ -195,93 +210,117 @@ def main(job_path: str) -> None:
                  "zero_optimization": {"stage": cfg.zero_stage, "contiguous_gradients": True,
                                        "overlap_comm": cuda, "reduce_bucket_size": 5e7},
                  "bf16": {"enabled": bf16}}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    run.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return run
 
-    out = Path(job["out_dir"])
-    ckpt_root = out / "ckpt"
-    ema = None
-    if cfg.ema_decay > 0:
+
+def resume(run: Run) -> None:
+    """The EMA, and the last complete checkpoint of this world size if there is one."""
+    if run.cfg.ema_decay > 0:
         # floating-point weights only: an integer buffer (the codebook's index tables) averaged in float
         # and cast back comes out truncated, which wrecked every EMA export
-        ema = {k: v.detach().float().clone() for k, v in engine.module.net.state_dict().items()
-               if v.is_floating_point()}
-    start, extra = 0, {}
-    found = latest_checkpoint(ckpt_root, world)
+        run.ema = {k: v.detach().float().clone() for k, v in run.engine.module.net.state_dict().items()
+                   if v.is_floating_point()}
+    found = latest_checkpoint(run.out / "ckpt", run.world)
     if found is not None:
-        d, extra = found
-        start = extra["step"]
-        engine.module.net.load_state_dict({k: v.to(device) for k, v in load_file(str(d / "model.safetensors")).items()})
-        _load_zero_state(engine, load_file(str(d / f"optim-rank{rank}.safetensors")))
-        if ema is not None:
-            ema = {k: v.to(device) for k, v in load_file(str(d / "ema.safetensors")).items()}
-        if rank == 0:
-            print(f"[posttrain] resumed from {d.name} (step {start} of {cfg.steps})", flush=True)
-    if "heldout_before" not in extra:
-        extra["heldout_before"] = heldout_loss(umm, heldout) if heldout else {}
+        d, run.extra = found
+        run.start = run.extra["step"]
+        run.engine.module.net.load_state_dict({k: v.to(run.device)
+                                               for k, v in load_file(str(d / "model.safetensors")).items()})
+        _load_zero_state(run.engine, load_file(str(d / f"optim-rank{run.rank}.safetensors")))
+        if run.ema is not None:
+            run.ema = {k: v.to(run.device) for k, v in load_file(str(d / "ema.safetensors")).items()}
+        if run.rank == 0:
+            print(f"[posttrain] resumed from {d.name} (step {run.start} of {run.cfg.steps})", flush=True)
+    if "heldout_before" not in run.extra:
+        run.extra["heldout_before"] = heldout_loss(run.umm, run.heldout) if run.heldout else {}
 
-    log_path = out / "train_log.jsonl"
-    per_step = cfg.micro_batch * cfg.grad_accum * world
-    t0, examples_done = time.perf_counter(), 0
-    tokens_per_example = None
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg)
-        for g in engine.optimizer.param_groups:
-            g["lr"] = lr
-        rng = random.Random(stable_seed(cfg.seed, "batch", step))
-        batch = [drop_condition(train[rng.randrange(len(train))], rng, cfg.cfg_dropout) for _ in range(per_step)]
-        losses = []
-        for m in range(cfg.grad_accum):
-            lo = (m * world + rank) * cfg.micro_batch
-            micro = batch[lo:lo + cfg.micro_batch]
-            loss = engine(micro)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss))
+
+def train_step(run: Run, step: int) -> tuple[list, float, float]:
+    """One optimizer step over the global batch (this rank's micro-batches); returns (batch, mean loss, lr)."""
+    cfg, engine = run.cfg, run.engine
+    lr = lr_at(step, cfg)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+    rng = random.Random(stable_seed(cfg.seed, "batch", step))
+    per_step = cfg.micro_batch * cfg.grad_accum * run.world
+    batch = [drop_condition(run.train[rng.randrange(len(run.train))], rng, cfg.cfg_dropout) for _ in range(per_step)]
+    losses = []
+    for m in range(cfg.grad_accum):
+        lo = (m * run.world + run.rank) * cfg.micro_batch
+        loss = engine(batch[lo:lo + cfg.micro_batch])
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    if run.ema is not None:
+        with torch.no_grad():
+            for k, v in engine.module.net.state_dict().items():
+                if k in run.ema:
+                    run.ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+    return batch, sum(losses) / len(losses), lr
+
+
+def train(run: Run) -> dict:
+    """Steps from the resumed one to the configured count, a checkpoint every `checkpoint_every`."""
+    cfg = run.cfg
+    t0, examples_done, tokens_per_example = time.perf_counter(), 0, None
+    for step in range(run.start, cfg.steps):
+        batch, loss, lr = train_step(run, step)
         if tokens_per_example is None:  # a DPO pair counts the sequences of its chosen and its rejected image
             sample = batch[: min(16, len(batch))]
-            tokens_per_example = sum(umm.tokens_per_example(e) for e in sample) / len(sample)
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in engine.module.net.state_dict().items():
-                    if k in ema:
-                        ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
-        examples_done += per_step
-        if rank == 0:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"step": step + 1, "loss": sum(losses) / len(losses), "lr": lr}) + "\n")
+            tokens_per_example = sum(run.umm.tokens_per_example(e) for e in sample) / len(sample)
+        examples_done += len(batch)
+        if run.rank == 0:
+            with open(run.out / "train_log.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr}) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(engine, ema, step + 1, ckpt_root, rank, world, extra)
-    if cuda:
+            save_checkpoint(run.engine, run.ema, step + 1, run.out / "ckpt", run.rank, run.world, run.extra)
+    if run.cuda:
         torch.cuda.synchronize()
-    train_s = time.perf_counter() - t0
+    return {"train_s": time.perf_counter() - t0, "examples": examples_done,
+            "tokens": (tokens_per_example or 0) * examples_done}
 
-    final = out / "final"
-    if rank == 0:
-        weights = ema if (ema is not None and cfg.export == "ema") else None
-        if weights is not None:
-            current = umm.net.state_dict()  # buffers the EMA does not hold stay as they are
-            umm.net.load_state_dict({**current, **{k: v.to(current[k].dtype) for k, v in weights.items()}})
-        umm.net.float()
-        umm.weights_changed()
-        after = heldout_loss(umm, heldout) if heldout else {}
-        tokens = (tokens_per_example or 0) * examples_done
-        n_params = sum(p.numel() for p in umm.net.parameters())
-        metrics = {"steps": cfg.steps, "resumed_from": start, "world_size": world, "device": device,
-                   "precision": "bf16" if bf16 else "fp32", "train_s": round(train_s, 3),
-                   "examples_per_s": round(examples_done / train_s, 2) if train_s > 0 else None,
-                   "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
-                   "params": n_params, "heldout_before": extra["heldout_before"], "heldout_after": after,
-                   "objective": cfg.objective, "train_examples": len(train)}
-        if cuda and train_s > 0:
-            metrics["mfu"] = round(6 * n_params * tokens / train_s / (PEAK_BF16_FLOPS * world), 5)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = out / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        umm.save_pretrained(tmp)
-        (tmp / "_metrics.json").write_text(json.dumps(metrics, indent=1))
-        os.replace(tmp, final)  # the finished model appears at once or not at all
-        print(json.dumps({"posttrain": metrics}), flush=True)
+
+def save(run: Run, done: dict) -> None:
+    """Rank 0 exports the model (EMA or raw) with its metrics to `final/`, atomically."""
+    cfg, umm, train_s = run.cfg, run.umm, done["train_s"]
+    weights = run.ema if (run.ema is not None and cfg.export == "ema") else None
+    if weights is not None:
+        current = umm.net.state_dict()  # buffers the EMA does not hold stay as they are
+        umm.net.load_state_dict({**current, **{k: v.to(current[k].dtype) for k, v in weights.items()}})
+    umm.net.float()
+    umm.weights_changed()
+    after = heldout_loss(umm, run.heldout) if run.heldout else {}
+    n_params = sum(p.numel() for p in umm.net.parameters())
+    metrics = {"steps": cfg.steps, "resumed_from": run.start, "world_size": run.world, "device": run.device,
+               "precision": "bf16" if run.bf16 else "fp32", "train_s": round(train_s, 3),
+               "examples_per_s": round(done["examples"] / train_s, 2) if train_s > 0 else None,
+               "tokens_per_s": round(done["tokens"] / train_s, 1) if train_s > 0 else None,
+               "params": n_params, "heldout_before": run.extra["heldout_before"], "heldout_after": after,
+               "objective": cfg.objective, "train_examples": len(run.train)}
+    if run.cuda and train_s > 0:
+        metrics["mfu"] = round(6 * n_params * done["tokens"] / train_s / (PEAK_BF16_FLOPS * run.world), 5)
+    final, tmp = run.out / "final", run.out / "final.tmp"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    umm.save_pretrained(tmp)
+    (tmp / "_metrics.json").write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, final)  # the finished model appears at once or not at all
+    print(json.dumps({"posttrain": metrics}), flush=True)
+
+
+def main(job_path: str) -> None:
+    import torch.distributed as dist
+
+    from tasks.posttrain import die_with_parent
+
+    die_with_parent()  # torchrun's death (e.g. the stage was killed) takes this rank with it
+    run = setup(json.loads(Path(job_path).read_text()))
+    resume(run)
+    done = train(run)
+    if run.rank == 0:
+        save(run, done)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -74,17 +74,22 @@ def _library(p: StagePlan) -> dict[str, list[tuple[str, str]]]:
     return lib
 
 
+def _categories(cfg: ProposeConfig, lib: dict) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The categories to draw from and their weights (default: every category of the library, equally)."""
+    shares = cfg.category_shares or {c: 1.0 for c in lib}
+    unknown = sorted(set(shares) - set(lib))
+    if unknown:
+        raise ValueError(f"propose.category_shares names categories with no seed prompts: {unknown}")
+    return tuple(zip(*[(c, w) for c, w in shares.items() if w > 0]))
+
+
 def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     cfg: ProposeConfig = p.extra["cfg"]
     model = ctx.model
     require_role(model, "propose")
     rng = random.Random(stable_seed(ctx.run_seed, ctx.cycle, "propose"))
     lib = _library(p)
-    shares = cfg.category_shares or {c: 1.0 for c in lib}
-    unknown = sorted(set(shares) - set(lib))
-    if unknown:
-        raise ValueError(f"propose.category_shares names categories with no seed prompts: {unknown}")
-    cats, weights = zip(*[(c, w) for c, w in shares.items() if w > 0])
+    cats, weights = _categories(cfg, lib)
     rows, seen = [], set()
     stats = Counter()
     held_out = _held_out(p, model)

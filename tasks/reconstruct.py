@@ -41,6 +41,22 @@ def _split(pid: str, cfg: ReconstructConfig) -> str:
     return "heldout" if stable_seed(cfg.seed, "split", pid) % 10_000 < cfg.heldout_share * 10_000 else "train"
 
 
+def stratified(judged: list[dict], n: int, rng: random.Random) -> list[dict]:
+    """Up to n judgements drawn round-robin over score bins (0-2, 3-5, 6-8, 9-10), so low, middle and high
+    scores are all represented, not only winners."""
+    bins = defaultdict(list)
+    for r in judged:
+        bins[min(r["score"] // 3, 3)].append(r)
+    for b in bins.values():
+        rng.shuffle(b)
+    out, order = [], sorted(bins)
+    while len(out) < n and any(bins[b] for b in order):
+        for b in order:
+            if bins[b] and len(out) < n:
+                out.append(bins[b].pop())
+    return out
+
+
 def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, caption_templates) -> dict[str, list]:
     prompts = {r["prompt_id"]: r for r in read(inputs["prompts"], ["prompt_id", "prompt", "category"]).to_pylist()}
     sel = {r["prompt_id"]: r for r in read(inputs["selections"]).to_pylist()}
@@ -74,21 +90,10 @@ def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, captio
                       input_image=images[(pid, sel[pid]["best_sample_idx"])], target_text=prompts[pid]["prompt"]))
     cap = list({e["example_id"]: e for e in cap}.values())
 
-    # judgement: stratified over score bins so low, middle and high scores are all represented
-    bins = defaultdict(list)
-    for r in judged:
-        if r["parse_ok"] and r["prompt_id"] in prompts:
-            bins[min(r["score"] // 3, 3)].append(r)
-    for b in bins.values():
-        rng.shuffle(b)
-    jud, order = [], sorted(bins)
-    while len(jud) < want.get("judgement", 0) and any(bins[b] for b in order):
-        for b in order:
-            if bins[b] and len(jud) < want["judgement"]:
-                r = bins[b].pop()
-                jud.append(ex("judgement", r["prompt_id"], [r["sample_idx"]], input_text=prompts[r["prompt_id"]]["prompt"],
-                              input_image=images[(r["prompt_id"], r["sample_idx"])], target_text=r["reasoning"],
-                              score=r["score"]))
+    jud = [ex("judgement", r["prompt_id"], [r["sample_idx"]], input_text=prompts[r["prompt_id"]]["prompt"],
+              input_image=images[(r["prompt_id"], r["sample_idx"])], target_text=r["reasoning"], score=r["score"])
+           for r in stratified([r for r in judged if r["parse_ok"] and r["prompt_id"] in prompts],
+                               want.get("judgement", 0), rng)]
 
     # reflection: from a clearly flawed sample to a clearly good one of the same prompt
     groups = sorted(pid for pid, s in sel.items() if s["max_score"] is not None

@@ -15,3 +15,35 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    """The shipped base checkpoint, loaded once."""
+    from model.embedded import load_embedded
+    return load_embedded()
+
+
+@pytest.fixture(scope="session")
+def world_batch():
+    """20 prompts (2 per category) with a true and a minimally wrong (perturbed) render each."""
+    import random
+
+    from model.world import CATEGORIES, parse, perturb, render, sample_prompt, sample_scene
+    rng = random.Random(1234)
+    prompts = [sample_prompt(CATEGORIES[i % len(CATEGORIES)], rng) for i in range(20)]
+    specs = [parse(p).spec for p in prompts]
+    true = [render(sample_scene(s, rng)) for s in specs]
+    wrong = [render(sample_scene(perturb(s, rng), rng)) for s in specs]
+    return prompts, true, wrong
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then as it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

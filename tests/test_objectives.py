@@ -2,7 +2,6 @@
 on a stub backend (exact arithmetic), the shipped embedded base and a tiny random Janus."""
 
 import math
-import random
 
 import pytest
 import torch
@@ -12,12 +11,7 @@ from model.protocol import CPR_KINDS, ROLES, CPRExample, LossTerm, TrainableMode
 from tasks.objectives import dpo_loss, sft_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Stub:
@@ -73,22 +67,14 @@ def test_empty_batch_gives_a_zero_loss_with_grad():
 
 # ---------------------------------------------------------------------- the embedded backend
 @pytest.fixture(scope="module")
-def embedded():
-    from model.embedded.umm import EmbeddedUMM
-
-    return EmbeddedUMM.from_pretrained()
+def world(world_batch):
+    """Six of the shared prompts with their true and perturbed renders."""
+    return tuple(x[:6] for x in world_batch)
 
 
 @pytest.fixture(scope="module")
-def world():
-    from model.world import CATEGORIES, parse, perturb, render, sample_prompt, sample_scene
-
-    rng = random.Random(99)
-    prompts = [sample_prompt(CATEGORIES[i % len(CATEGORIES)], rng) for i in range(6)]
-    specs = [parse(p).spec for p in prompts]
-    true = [render(sample_scene(s, rng)) for s in specs]
-    wrong = [render(sample_scene(perturb(s, rng), rng)) for s in specs]
-    return prompts, true, wrong
+def embedded(base_model):
+    return base_model
 
 
 def _cpr(model, world):

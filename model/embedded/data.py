@@ -42,7 +42,7 @@ def _jit(rng: random.Random, shape: str, size: str) -> int:
     return rng.randint(-j, j)
 
 
-def random_scene(rng: random.Random, max_objects: int = 3):
+def distractor_scene(rng: random.Random, max_objects: int = 3):
     """0-max_objects random objects (shapes or letters) in distinct cells, on a random background."""
     from model.world import Thing, sample_scene
     from model.world.language import PromptSpec
@@ -110,7 +110,7 @@ def mutate_scene(scene, rng: random.Random):
         elif op == "remove":
             new.pop(rng.randrange(len(new)))
         elif op == "add":
-            extra = random_scene(rng, 3).objects
+            extra = distractor_scene(rng, 3).objects
             used = {(round(o.cx / 16), round(o.cy / 16)) for o in new}
             extra = [o for o in extra if (round(o.cx / 16), round(o.cy / 16)) not in used]
             if not extra:
@@ -119,7 +119,7 @@ def mutate_scene(scene, rng: random.Random):
         elif op == "background":
             return Scene(tuple(new), rng.choice([b for b in BACKGROUNDS if b != scene.background]))
         return Scene(tuple(new), scene.background)
-    return random_scene(rng)
+    return distractor_scene(rng)
 
 
 class CorpusBuilder:
@@ -163,7 +163,8 @@ class CorpusBuilder:
         return self.cb.encode_arrays(image_to_array(img)[None])[0]
 
     def one(self, rng: random.Random) -> tuple[list[int], list[bool], int]:
-        from model.world import questions, render, verify
+        """One sequence of a kind drawn from the mix: (ids, targets, kind id)."""
+        from model.world import render
         m = self.mix
         kinds = ["generation", "question", "caption", "propose", "reflection"]
         kind = rng.choices(kinds, [m.generation, m.question, m.caption, m.propose, m.reflection])[0]
@@ -189,48 +190,62 @@ class CorpusBuilder:
             pid = None if rng.random() < m.cfg_dropout else self.ids(text)
             s = S.reflection_seq(self.v, pid, self._codes(bad), self._codes(img))
         else:
-            u = rng.random()
-            if u < m.true_image_share:
-                _, img = self._true_image(spec, rng)
-                truth = "true"
-            elif u < m.true_image_share + m.wrong_image_share:
-                if rng.random() < 0.5:
-                    from model.world import perturb
-                    _, img = self._true_image(perturb(spec, rng), rng)
-                else:
-                    scene, _ = self._true_image(spec, rng)
-                    img = render(mutate_scene(scene, rng))
-                truth = "wrong"
-            else:
-                img = render(random_scene(rng))
-                truth = "random"
-            qa = []
-            if truth == "true" and rng.random() < m.unicycle_share:
-                for q in questions(text, rng)[: m.qa_per_seq]:
-                    qtext = q.text if not q.choices else q.text
-                    qa.append((self.ids(qtext), self.ids(str(q.answer))))
-            texts = [text]
-            while len(qa) < m.qa_per_seq:
-                # the prompt's own facts first, then facts of other prompts (of any category)
-                v = verify(texts[-1], img)
-                fs = list(v.facts)
-                idx = list(range(len(fs)))
-                rng.shuffle(idx)
-                for i in idx[: m.qa_per_seq - len(qa)]:
-                    f = fs[i]
-                    ok = v.fact_ok[i]
-                    ans = f.expected if ok else ("no" if f.expected == "yes" else "yes")
-                    qa.append((self.ids(f.question), self.ids(ans)))
-                if len(qa) < m.qa_per_seq:
-                    texts.append(self._prompt_text(self._prompt(rng)[1]))
-            rng.shuffle(qa)
-            s = S.question_seq(self.v, self._codes(img), qa)
+            s = self._question_one(text, spec, rng)
             kind = "question"
-            # trim to max_len by dropping trailing pairs
-            while len(s[0]) > self.max_len and len(qa) > 1:
-                qa.pop()
-                s = S.question_seq(self.v, self._codes(img), qa)
         return s[0], s[1], S.KIND_IDS[kind]
+
+    def _question_image(self, spec, rng: random.Random):
+        """(image, truth) for a question sequence: the prompt's true image, a wrong one, or a random scene."""
+        from model.world import render
+        m = self.mix
+        u = rng.random()
+        if u < m.true_image_share:
+            _, img = self._true_image(spec, rng)
+            truth = "true"
+        elif u < m.true_image_share + m.wrong_image_share:
+            if rng.random() < 0.5:
+                from model.world import perturb
+                _, img = self._true_image(perturb(spec, rng), rng)
+            else:
+                scene, _ = self._true_image(spec, rng)
+                img = render(mutate_scene(scene, rng))
+            truth = "wrong"
+        else:
+            img = render(distractor_scene(rng))
+            truth = "random"
+        return img, truth
+
+    def _question_one(self, text: str, spec, rng: random.Random) -> tuple[list[int], list[bool]]:
+        """A question sequence on a `_question_image`: UniCycle questions or oracle-answered facts."""
+        from model.world import questions, verify
+        m = self.mix
+        img, truth = self._question_image(spec, rng)
+        qa = []
+        if truth == "true" and rng.random() < m.unicycle_share:
+            for q in questions(text, rng)[: m.qa_per_seq]:
+                qtext = q.text if not q.choices else q.text
+                qa.append((self.ids(qtext), self.ids(str(q.answer))))
+        texts = [text]
+        while len(qa) < m.qa_per_seq:
+            # the prompt's own facts first, then facts of other prompts (of any category)
+            v = verify(texts[-1], img)
+            fs = list(v.facts)
+            idx = list(range(len(fs)))
+            rng.shuffle(idx)
+            for i in idx[: m.qa_per_seq - len(qa)]:
+                f = fs[i]
+                ok = v.fact_ok[i]
+                ans = f.expected if ok else ("no" if f.expected == "yes" else "yes")
+                qa.append((self.ids(f.question), self.ids(ans)))
+            if len(qa) < m.qa_per_seq:
+                texts.append(self._prompt_text(self._prompt(rng)[1]))
+        rng.shuffle(qa)
+        s = S.question_seq(self.v, self._codes(img), qa)
+        # trim to max_len by dropping trailing pairs
+        while len(s[0]) > self.max_len and len(qa) > 1:
+            qa.pop()
+            s = S.question_seq(self.v, self._codes(img), qa)
+        return s
 
     def fact_qa(self, prompt: str, img, rng: random.Random, n: int, codes=None) -> tuple[list[int], list[bool]]:
         """A question sequence about an image: the prompt's facts, topped up with facts of other prompts,
@@ -322,7 +337,7 @@ def fit_codebook(n_masks: int, n_images: int, seed: int, size: int = 32) -> Patc
         if i % 4 == 3:
             scene = mutate_scene(scene, rng)
         if i % 7 == 6:
-            scene = random_scene(rng)
+            scene = distractor_scene(rng)
         arrs.append(image_to_array(render(scene, size)))
     colors, backgrounds = world_palette()
     return PatchCodebook.fit(np.stack(arrs), colors, backgrounds, n_masks=n_masks, size=size)

@@ -220,211 +220,318 @@ def _choose(evals: list[dict], s: SelectConfig) -> dict | None:
     return max(pool, key=lambda e: (e["judge_oracle_agreement"], e["und_acc_gt"]))
 
 
+class _Corpus:
+    """The corpus as tensors; with a refresher, chunks from the background workers overwrite it as a ring."""
+
+    def __init__(self, corpus: dict[str, np.ndarray], builder: CorpusBuilder, cc: CorpusConfig, workers: int,
+                 seed: int):
+        self.ids = torch.from_numpy(corpus["ids"].astype(np.int64))
+        self.targets = torch.from_numpy(corpus["targets"])
+        self.kinds = torch.from_numpy(corpus["kinds"].astype(np.int64))
+        self.lens = torch.from_numpy(corpus["lens"].astype(np.int64))
+        self.refresher = _Refresher(builder, workers, cc.chunk, seed) if (cc.refresh and workers > 1) else None
+        self.ring = 0
+        self.refreshed = 0
+
+    def refresh(self) -> None:
+        """Swap in up to two chunks the workers have finished."""
+        if self.refresher is None:
+            return
+        for _ in range(2):
+            part = self.refresher.get()
+            if part is None:
+                break
+            n = len(part["kinds"])
+            idx = (torch.arange(n) + self.ring) % self.ids.shape[0]
+            self.ids[idx] = torch.from_numpy(part["ids"].astype(np.int64))
+            self.targets[idx] = torch.from_numpy(part["targets"])
+            self.kinds[idx] = torch.from_numpy(part["kinds"].astype(np.int64))
+            self.lens[idx] = torch.from_numpy(part["lens"].astype(np.int64))
+            self.ring = (self.ring + n) % self.ids.shape[0]
+            self.refreshed += n
+
+    def close(self) -> None:
+        if self.refresher is not None:
+            self.refresher.close()
+
+
+class _SelfData:
+    """The buffer of oracle-labelled question sequences on the model's own images (see SelfDataConfig)."""
+
+    def __init__(self, sd: SelfDataConfig, builder: CorpusBuilder, pad: int, max_len: int, seed: int,
+                 qa_per_seq: int):
+        self.sd, self.builder, self.pad, self.qa_per_seq = sd, builder, pad, qa_per_seq
+        rows = sd.buffer if sd.every else 1
+        self.ids = torch.full((rows, max_len), pad, dtype=torch.long)
+        self.targets = torch.zeros((rows, max_len), dtype=torch.bool)
+        self.lens = torch.zeros(rows, dtype=torch.long)
+        self.n, self.time = 0, 0.0
+        self.rng = random.Random(seed + 99)
+        self.jobs: list = []
+        self.pool = None
+        if sd.every:
+            import multiprocessing as mp
+            from model.embedded import data as D
+            self.pool = mp.get_context("fork").Pool(sd.workers, initializer=D._init_worker, initargs=(builder,))
+
+    def due(self, step: int) -> bool:
+        sd = self.sd
+        return bool(sd.every) and step >= sd.start and (step - sd.start) % sd.every == 0
+
+    def generate(self, model: EmbeddedUMM, codebook) -> None:
+        """Draw images of random prompts with the current model; queue their labelling by the oracle."""
+        sd, rng = self.sd, self.rng
+        t_sd = time.perf_counter()
+        model.train(False)
+        sp = [self.builder._prompt_text(self.builder._prompt(rng)[1]) for _ in range(sd.images)]
+        scales = [rng.uniform(*sd.cfg_range) for _ in sp]
+        seeds = [rng.randrange(2**31) for _ in sp]
+        if sd.temperature_range is None:
+            imgs = model.generate(sp, seeds, scales, temperature=sd.temperature)
+        else:
+            imgs, g = [], max(1, len(sp) // sd.temperature_groups)
+            for i in range(0, len(sp), g):
+                imgs += model.generate(sp[i:i + g], seeds[i:i + g], scales[i:i + g],
+                                       temperature=rng.uniform(*sd.temperature_range))
+        model.train()
+        codes = codebook.encode(imgs)
+        arrs = [np.asarray(im) for im in imgs]
+        k = max(1, len(sp) // sd.workers)
+        for i in range(0, len(sp), k):
+            self.jobs.append(self.pool.apply_async(_self_label, ((sp[i:i + k], arrs[i:i + k], codes[i:i + k],
+                                                                  rng.randrange(2**31), self.qa_per_seq),)))
+        self.time += time.perf_counter() - t_sd
+
+    def collect(self) -> None:
+        """Move finished labelling jobs into the buffer (waiting on the oldest when too many are pending)."""
+        sd = self.sd
+        while self.jobs and (self.jobs[0].ready() or len(self.jobs) > 4 * sd.workers):
+            for s_ids, s_tg in self.jobs.pop(0).get():
+                j = self.n % sd.buffer
+                self.ids[j] = self.pad
+                self.ids[j, :len(s_ids)] = torch.tensor(s_ids)
+                self.targets[j] = False
+                self.targets[j, :len(s_tg)] = torch.tensor(s_tg)
+                self.lens[j] = len(s_ids)
+                self.n += 1
+
+    def rows_in(self, batch_size: int) -> int:
+        """How many rows of a batch come from this buffer (0 until it holds `min_fill`)."""
+        sd = self.sd
+        return int(sd.share * batch_size) if (sd.every and self.n >= sd.min_fill) else 0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+class _Pretraining:
+    """One pretraining run, torchtune-style: `setup` (seeds, codebook and model, corpus, optimizer, self-data),
+    `train` (the step loop with snapshot evaluation), `save` (the chosen weights, final evaluation, files)."""
+
+    def __init__(self, cfg: PretrainConfig, out_dir: str | Path, progress: bool, log: Callable[[str], None]):
+        self.cfg, self.out, self.progress, self.log = cfg, Path(out_dir), progress, log
+        self.curve: list[dict] = []
+        self.evals: list[dict] = []
+        self.snaps: dict[int, dict] = {}
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from model.world import CATEGORIES, WORDS
+
+        cfg = self.cfg
+        self.t_start = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.dev = resolve_device(cfg.device)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        t0 = time.perf_counter()
+        self.codebook = fit_codebook(cfg.model.n_masks, cfg.tokenizer.fit_images, cfg.seed,
+                                     cfg.model.image_size)
+        self.model = model = EmbeddedUMM.create(cfg.model, self.codebook, list(WORDS), list(CATEGORIES))
+        model.net.to(self.dev)
+        self.log(f"[pretrain] device={self.dev} params={model.num_params():,} vocab={model.vocab.size} "
+                 f"codebook fit {time.perf_counter() - t0:.1f}s")
+        self._setup_corpus()
+        self._setup_optimizer()
+        self.self_data = _SelfData(cfg.self_data, self.builder, model.vocab.PAD, model.net.cfg.max_len, cfg.seed,
+                                   cfg.corpus.mix.qa_per_seq)
+
+    def _setup_corpus(self) -> None:
+        from tqdm import tqdm
+
+        cfg, model = self.cfg, self.model
+        self.builder = CorpusBuilder(model.vocab, self.codebook, cfg.corpus.mix, model.net.cfg.max_len)
+        workers = cfg.corpus.workers or max(1, (os.cpu_count() or 2) - 1)
+        t0 = time.perf_counter()
+        bar = tqdm(total=cfg.corpus.size, desc="corpus", unit="seq", disable=not self.progress, mininterval=1.0)
+        corpus = build_corpus(self.builder, cfg.corpus.size, cfg.seed, workers=workers, chunk=cfg.corpus.chunk,
+                              progress=bar.update)
+        bar.close()
+        self.log(f"[pretrain] corpus {cfg.corpus.size} sequences in {time.perf_counter() - t0:.1f}s "
+                 f"({workers} workers); kinds {np.bincount(corpus['kinds'], minlength=5).tolist()}")
+        self.corpus = _Corpus(corpus, self.builder, cfg.corpus, workers, cfg.seed)
+
+    def _setup_optimizer(self) -> None:
+        o, dev = self.cfg.optim, self.dev
+        decay, no_decay = [], []
+        for n, p in self.model.net.named_parameters():
+            (decay if p.dim() >= 2 and "pos" not in n and "tok" not in n else no_decay).append(p)
+        fused = dev.type == "cuda"
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
+        self.use_bf16 = o.bf16 and (dev.type == "cpu" or torch.cuda.is_bf16_supported())
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        """Steps until `optim.steps` or the time limit; then stops the background workers."""
+        from tqdm import tqdm
+
+        cfg, o = self.cfg, self.cfg.optim
+        self.acc: dict[str, list[float]] = {}
+        self.acc_loss: list[float] = []
+        self.model.train()
+        self.bar = tqdm(total=o.steps, desc="pretrain", unit="step", disable=not self.progress, mininterval=1.0)
+        self.t_train = time.perf_counter()
+        step = 0
+        for step in range(o.steps):
+            self.corpus.refresh()
+            lr = self._set_lr(step)
+            if self.self_data.due(step):
+                self.self_data.generate(self.model, self.codebook)
+            self.self_data.collect()
+            loss, parts = self.train_step(*self._batch())
+            self._record(step, lr, loss, parts)
+            s = cfg.select
+            timed_out = cfg.time_limit_s is not None and time.perf_counter() - self.t_start > cfg.time_limit_s
+            if s.every and (step + 1) >= s.start and ((step + 1) % s.every == 0 or timed_out):
+                self.evaluate_snapshot(step + 1)
+            if timed_out:
+                self.log(f"[pretrain] time limit {cfg.time_limit_s}s reached at step {step + 1}")
+                break
+        self.step = step
+        self.bar.close()
+        self.train_s = time.perf_counter() - self.t_train
+        self.corpus.close()
+        self.self_data.close()
+
+    def _set_lr(self, step: int) -> float:
+        cfg = self.cfg
+        time_frac = 0.0
+        if cfg.time_limit_s:
+            time_frac = (time.perf_counter() - self.t_train) / max(1.0, cfg.time_limit_s
+                                                                   - (self.t_train - self.t_start))
+        lr = lr_at(step, cfg.optim, time_frac)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, targets, kinds) of one batch: corpus rows, the last of them replaced by self-data rows."""
+        c, sdb, bsz = self.corpus, self.self_data, self.cfg.optim.batch_size
+        b = torch.randint(0, c.ids.shape[0], (bsz,), generator=self.gen)
+        n_self = sdb.rows_in(bsz)
+        if n_self:
+            bs = torch.randint(0, min(sdb.n, sdb.sd.buffer), (n_self,), generator=self.gen)
+            b = b[n_self:]
+            T = int(max(c.lens[b].max(), sdb.lens[bs].max()))
+            ids = torch.cat([c.ids[b, :T], sdb.ids[bs, :T]])
+            tg = torch.cat([c.targets[b, :T], sdb.targets[bs, :T]])
+            kd = torch.cat([c.kinds[b], torch.full((n_self,), S.KIND_IDS["question"], dtype=torch.long)])
+        else:
+            T = int(c.lens[b].max())
+            ids, tg, kd = c.ids[b, :T], c.targets[b, :T], c.kinds[b]
+        return ids, tg, kd
+
+    def train_step(self, ids: torch.Tensor, tg: torch.Tensor, kd: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One optimizer step on a batch; returns the loss and its parts by kind."""
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            loss, parts = self.model.token_loss(ids, tg, kd)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.net.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        return loss, parts
+
+    def _record(self, step: int, lr: float, loss: torch.Tensor, parts: dict) -> None:
+        """Accumulate the step's losses; every `log_every` steps (and the last) append their means to the curve."""
+        self.acc_loss.append(loss.detach())
+        for k, x in parts.items():
+            self.acc.setdefault(k, []).append(x)
+        self.bar.update(1)
+        if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.optim.steps:
+            rec = {"step": step + 1, "loss": float(torch.stack(self.acc_loss).float().mean()), "lr": lr,
+                   "kinds": {k: float(torch.stack(x).float().mean()) for k, x in self.acc.items()},
+                   "elapsed_s": round(time.perf_counter() - self.t_train, 1)}
+            self.curve.append(rec)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", q=f"{rec['kinds'].get('question', float('nan')):.3f}")
+            self.acc_loss, self.acc = [], {}
+
+    def evaluate_snapshot(self, step: int) -> None:
+        """Evaluate the current weights against the oracle and keep them as the snapshot of `step`."""
+        from model.embedded.evaluate import evaluate
+
+        model, s = self.model, self.cfg.select
+        model.train(False)
+        model.weights_changed()
+        ev = evaluate(model, n_prompts=s.n_prompts, seed=777)
+        ev = {"step": step, **{k: ev[k] for k in ("und_acc_gt", "gen_acc_oracle", "non_unification",
+                                                  "judge_oracle_agreement")}}
+        self.evals.append(ev)
+        self.snaps[step] = {k: v.detach().clone().cpu() for k, v in model.net.state_dict().items()}
+        self.log(f"[pretrain] step {step} eval {json.dumps(ev)}")
+        if s.mode != "last" and _choose(self.evals, s) is ev:
+            model.save_pretrained(self.out)  # the best so far survives a crash or a kill
+        model.train()
+
+    # ------------------------------------------------------------------ save
+    def save(self) -> dict:
+        """Load the chosen snapshot, run the final evaluation, write the checkpoint directory; the metrics."""
+        from model.embedded.evaluate import evaluate
+
+        cfg, model, out, step = self.cfg, self.model, self.out, self.step
+        model.train(False)
+        chosen = _choose(self.evals, cfg.select)
+        if chosen is not None and cfg.select.mode != "last":
+            model.net.load_state_dict({k: v.to(self.dev) for k, v in self.snaps[chosen["step"]].items()})
+        model.weights_changed()
+        model.net.to("cpu")
+
+        final = {}
+        if cfg.eval_prompts:
+            final = evaluate(model, n_prompts=cfg.eval_prompts)
+        model.save_pretrained(out)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        info = {"steps_run": step + 1, "chosen_step": chosen["step"] if chosen else step + 1,
+                "train_s": round(self.train_s, 1), "total_s": round(time.perf_counter() - self.t_start, 1),
+                "device": str(self.dev), "params": model.num_params(), "corpus_refreshed": self.corpus.refreshed,
+                "self_images": self.self_data.n, "self_data_s": round(self.self_data.time, 1),
+                "torch": torch.__version__}
+        metrics = {**final, "training": info, "snapshots": self.evals}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        (out / "curve.json").write_text(json.dumps({"curve": self.curve, "snapshots": self.evals}) + "\n")
+        try:
+            _plot_curve(self.curve, self.evals, out / "curve.png")
+        except Exception as exc:  # matplotlib missing: the JSON curve stays
+            self.log(f"[pretrain] no curve.png: {exc}")
+        self.log(f"[pretrain] wrote {out} (model_id {model.model_id}) in {info['total_s']}s")
+        return metrics
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True,
              log: Callable[[str], None] = print) -> dict:
     """Train from scratch; write the checkpoint to out_dir; return the final metrics."""
-    from tqdm import tqdm
-
-    from model.world import CATEGORIES, WORDS
-    from model.embedded.evaluate import evaluate
-
-    t_start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dev = resolve_device(cfg.device)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    t0 = time.perf_counter()
-    codebook = fit_codebook(cfg.model.n_masks, cfg.tokenizer.fit_images, cfg.seed,
-                            cfg.model.image_size)
-    model = EmbeddedUMM.create(cfg.model, codebook, list(WORDS), list(CATEGORIES))
-    model.net.to(dev)
-    log(f"[pretrain] device={dev} params={model.num_params():,} vocab={model.vocab.size} "
-        f"codebook fit {time.perf_counter() - t0:.1f}s")
-
-    builder = CorpusBuilder(model.vocab, codebook, cfg.corpus.mix, model.net.cfg.max_len)
-    workers = cfg.corpus.workers or max(1, (os.cpu_count() or 2) - 1)
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.corpus.size, desc="corpus", unit="seq", disable=not progress, mininterval=1.0)
-    corpus = build_corpus(builder, cfg.corpus.size, cfg.seed, workers=workers, chunk=cfg.corpus.chunk,
-                          progress=bar.update)
-    bar.close()
-    log(f"[pretrain] corpus {cfg.corpus.size} sequences in {time.perf_counter() - t0:.1f}s "
-        f"({workers} workers); kinds {np.bincount(corpus['kinds'], minlength=5).tolist()}")
-    ids_all = torch.from_numpy(corpus["ids"].astype(np.int64))
-    tg_all = torch.from_numpy(corpus["targets"])
-    kinds_all = torch.from_numpy(corpus["kinds"].astype(np.int64))
-    lens_all = torch.from_numpy(corpus["lens"].astype(np.int64))
-    refresher = _Refresher(builder, workers, cfg.corpus.chunk, cfg.seed) \
-        if (cfg.corpus.refresh and workers > 1) else None
-    ring = 0
-
-    o = cfg.optim
-    decay, no_decay = [], []
-    for n, p in model.net.named_parameters():
-        (decay if p.dim() >= 2 and "pos" not in n and "tok" not in n else no_decay).append(p)
-    fused = dev.type == "cuda"
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
-    use_bf16 = o.bf16 and (dev.type == "cpu" or torch.cuda.is_bf16_supported())
-    gen = torch.Generator().manual_seed(cfg.seed)
-    curve: list[dict] = []
-    evals: list[dict] = []
-    snaps: dict[int, dict] = {}
-    acc: dict[str, list[float]] = {}
-    acc_loss: list[float] = []
-    refreshed = 0
-    sd = cfg.self_data
-    L = model.net.cfg.max_len
-    self_ids = torch.full((sd.buffer if sd.every else 1, L), model.vocab.PAD, dtype=torch.long)
-    self_tg = torch.zeros((sd.buffer if sd.every else 1, L), dtype=torch.bool)
-    self_lens = torch.zeros(sd.buffer if sd.every else 1, dtype=torch.long)
-    self_n, self_time = 0, 0.0
-    sd_rng = random.Random(cfg.seed + 99)
-    jobs: list = []
-    self_pool = None
-    if sd.every:
-        import multiprocessing as mp
-        from model.embedded import data as D
-        self_pool = mp.get_context("fork").Pool(sd.workers, initializer=D._init_worker, initargs=(builder,))
-    model.train()
-    bar = tqdm(total=o.steps, desc="pretrain", unit="step", disable=not progress, mininterval=1.0)
-    t_train = time.perf_counter()
-    step = 0
-    for step in range(o.steps):
-        if refresher is not None:
-            for _ in range(2):
-                part = refresher.get()
-                if part is None:
-                    break
-                n = len(part["kinds"])
-                idx = (torch.arange(n) + ring) % ids_all.shape[0]
-                ids_all[idx] = torch.from_numpy(part["ids"].astype(np.int64))
-                tg_all[idx] = torch.from_numpy(part["targets"])
-                kinds_all[idx] = torch.from_numpy(part["kinds"].astype(np.int64))
-                lens_all[idx] = torch.from_numpy(part["lens"].astype(np.int64))
-                ring = (ring + n) % ids_all.shape[0]
-                refreshed += n
-        time_frac = 0.0
-        if cfg.time_limit_s:
-            time_frac = (time.perf_counter() - t_train) / max(1.0, cfg.time_limit_s - (t_train - t_start))
-        lr = lr_at(step, o, time_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        sd = cfg.self_data
-        if sd.every and step >= sd.start and (step - sd.start) % sd.every == 0:
-            t_sd = time.perf_counter()
-            model.train(False)
-            sp = [builder._prompt_text(builder._prompt(sd_rng)[1]) for _ in range(sd.images)]
-            scales = [sd_rng.uniform(*sd.cfg_range) for _ in sp]
-            seeds = [sd_rng.randrange(2**31) for _ in sp]
-            if sd.temperature_range is None:
-                imgs = model.generate(sp, seeds, scales, temperature=sd.temperature)
-            else:
-                imgs, g = [], max(1, len(sp) // sd.temperature_groups)
-                for i in range(0, len(sp), g):
-                    imgs += model.generate(sp[i:i + g], seeds[i:i + g], scales[i:i + g],
-                                           temperature=sd_rng.uniform(*sd.temperature_range))
-            model.train()
-            codes = codebook.encode(imgs)
-            arrs = [np.asarray(im) for im in imgs]
-            k = max(1, len(sp) // sd.workers)
-            for i in range(0, len(sp), k):
-                jobs.append(self_pool.apply_async(_self_label, ((sp[i:i + k], arrs[i:i + k], codes[i:i + k],
-                                                                 sd_rng.randrange(2**31), cfg.corpus.mix.qa_per_seq),)))
-            self_time += time.perf_counter() - t_sd
-        while jobs and (jobs[0].ready() or len(jobs) > 4 * sd.workers):
-            for s_ids, s_tg in jobs.pop(0).get():
-                j = self_n % sd.buffer
-                self_ids[j] = model.vocab.PAD
-                self_ids[j, :len(s_ids)] = torch.tensor(s_ids)
-                self_tg[j] = False
-                self_tg[j, :len(s_tg)] = torch.tensor(s_tg)
-                self_lens[j] = len(s_ids)
-                self_n += 1
-        b = torch.randint(0, ids_all.shape[0], (o.batch_size,), generator=gen)
-        n_self = int(sd.share * o.batch_size) if (sd.every and self_n >= sd.min_fill) else 0
-        if n_self:
-            bs = torch.randint(0, min(self_n, sd.buffer), (n_self,), generator=gen)
-            b = b[n_self:]
-            T = int(max(lens_all[b].max(), self_lens[bs].max()))
-            ids = torch.cat([ids_all[b, :T], self_ids[bs, :T]])
-            tg = torch.cat([tg_all[b, :T], self_tg[bs, :T]])
-            kd = torch.cat([kinds_all[b], torch.full((n_self,), S.KIND_IDS["question"], dtype=torch.long)])
-        else:
-            T = int(lens_all[b].max())
-            ids, tg, kd = ids_all[b, :T], tg_all[b, :T], kinds_all[b]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, parts = model.token_loss(ids, tg, kd)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.net.parameters(), o.grad_clip)
-        opt.step()
-        acc_loss.append(loss.detach())
-        for k, x in parts.items():
-            acc.setdefault(k, []).append(x)
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == o.steps:
-            rec = {"step": step + 1, "loss": float(torch.stack(acc_loss).float().mean()), "lr": lr,
-                   "kinds": {k: float(torch.stack(x).float().mean()) for k, x in acc.items()},
-                   "elapsed_s": round(time.perf_counter() - t_train, 1)}
-            curve.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", q=f"{rec['kinds'].get('question', float('nan')):.3f}")
-            acc_loss, acc = [], {}
-        s = cfg.select
-        timed_out = cfg.time_limit_s is not None and time.perf_counter() - t_start > cfg.time_limit_s
-        if s.every and (step + 1) >= s.start and ((step + 1) % s.every == 0 or timed_out):
-            model.train(False)
-            model.weights_changed()
-            ev = evaluate(model, n_prompts=s.n_prompts, seed=777)
-            ev = {"step": step + 1, **{k: ev[k] for k in ("und_acc_gt", "gen_acc_oracle", "non_unification",
-                                                          "judge_oracle_agreement")}}
-            evals.append(ev)
-            snaps[step + 1] = {k: v.detach().clone().cpu() for k, v in model.net.state_dict().items()}
-            log(f"[pretrain] step {step + 1} eval {json.dumps(ev)}")
-            if cfg.select.mode != "last" and _choose(evals, cfg.select) is ev:
-                model.save_pretrained(out)  # the best so far survives a crash or a kill
-            model.train()
-        if timed_out:
-            log(f"[pretrain] time limit {cfg.time_limit_s}s reached at step {step + 1}")
-            break
-    bar.close()
-    train_s = time.perf_counter() - t_train
-    if refresher is not None:
-        refresher.close()
-    if self_pool is not None:
-        self_pool.terminate()
-    model.train(False)
-    chosen = _choose(evals, cfg.select)
-    if chosen is not None and cfg.select.mode != "last":
-        model.net.load_state_dict({k: v.to(dev) for k, v in snaps[chosen["step"]].items()})
-    model.weights_changed()
-    model.net.to("cpu")
-
-    final = {}
-    if cfg.eval_prompts:
-        final = evaluate(model, n_prompts=cfg.eval_prompts)
-    model.save_pretrained(out)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    info = {"steps_run": step + 1, "chosen_step": chosen["step"] if chosen else step + 1,
-            "train_s": round(train_s, 1), "total_s": round(time.perf_counter() - t_start, 1),
-            "device": str(dev), "params": model.num_params(), "corpus_refreshed": refreshed,
-            "self_images": self_n, "self_data_s": round(self_time, 1),
-            "torch": torch.__version__}
-    metrics = {**final, "training": info, "snapshots": evals}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "curve.json").write_text(json.dumps({"curve": curve, "snapshots": evals}) + "\n")
-    try:
-        _plot_curve(curve, evals, out / "curve.png")
-    except Exception as exc:  # matplotlib missing: the JSON curve stays
-        log(f"[pretrain] no curve.png: {exc}")
-    log(f"[pretrain] wrote {out} (model_id {model.model_id}) in {info['total_s']}s")
-    return metrics
+    run = _Pretraining(cfg, out_dir, progress, log)
+    run.setup()
+    run.train()
+    return run.save()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ Weights are safetensors only (transformer + image codebook in one file) with a J
 from __future__ import annotations
 
 import json
-import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -178,6 +177,9 @@ class EmbeddedUMM:
         classifier-free guidance: logits = u + s * (c - u). `bias` (hi-lo,) or (steps, hi-lo) adds -inf
         to banned ids.
         Returns (B, steps) ids relative to lo.
+        Kept in one function: it is a single KV-cache decode loop (prefill, then guide, sample and feed
+        one token per step) whose cache, positions and stop mask are shared by every step; splitting it
+        would pass that state across calls in the hot path.
         """
         dev = self.device
         B = len(prefixes)
@@ -591,7 +593,3 @@ def _check_lengths(**lists) -> None:
     lens = {k: len(v) for k, v in lists.items()}
     if len(set(lens.values())) > 1:
         raise ValueError(f"batched arguments differ in length: {lens}")
-
-
-def seeded_rng(seed: int) -> random.Random:
-    return random.Random(seed)

@@ -233,19 +233,11 @@ class T2IStep(torch.nn.Module):
         return self.umm.image_ce(list(emb), codes, self.ce_chunk)
 
 
-def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: int = 32, steps: int = 10,
-                warmup: int = 3, prompt_tokens: int = 32, zero_stage: int = 2, compile_layers: bool = False,
-                ce_chunk: int = 0, ds_overrides: list[str] | None = None, overrides=None) -> dict[str, Any]:
-    """DeepSpeed ZeRO bf16 text-to-image training steps of the configured shape on one GPU, random weights.
-
-    ce_chunk: JanusUMM.image_ce's chunked head + cross-entropy; ds_overrides: DeepSpeed config overrides in the
-    recipes' `dotted.key=value` syntax (e.g. "zero_optimization.overlap_comm=false"). The step is timed whole
-    and in its three parts (forward, backward, optimizer step: synchronised after each)."""
+def _init_one_rank() -> bool:
+    """torch.distributed for a one-process DeepSpeed run (NCCL on a GPU, else gloo); whether CUDA is there."""
     import os
 
     import deepspeed
-
-    from configs.loader import apply_overrides
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -254,6 +246,17 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
     os.environ.setdefault("MASTER_PORT", "29533")
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return cuda
+
+
+def _setup_train_engine(config: str, overrides, cuda: bool, micro_batch: int, zero_stage: int,
+                        compile_layers: bool, ce_chunk: int, ds_overrides: list[str] | None):
+    """(umm, DeepSpeed engine, trainable params): the random-weight JanusUMM in fp32 behind T2IStep, AdamW,
+    a ZeRO config of `zero_stage` with `ds_overrides` applied."""
+    import deepspeed
+
+    from configs.loader import apply_overrides
+
     _, umm = load_for_bench(config, True, overrides=[*(overrides or []), "model.dtype=float32"])
     umm.net.train()
     if compile_layers:
@@ -269,6 +272,12 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
           "bf16": {"enabled": cuda}}
     apply_overrides(ds, list(ds_overrides or []), "--ds")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return umm, engine, params
+
+
+def _time_train_steps(umm, engine, micro_batch: int, prompt_tokens: int, warmup: int, steps: int):
+    """Run warmup + steps training steps on random tokens; for the timed ones (times, (forward, backward,
+    optimizer) parts, losses)."""
     dev = engine.device
     N, V = umm.n_image_tokens, umm.net.config.vq_config.num_embeddings
     g = torch.Generator().manual_seed(0)
@@ -291,6 +300,22 @@ def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: in
             times.append(time.perf_counter() - t0)
             parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
             losses.append(float(loss))
+    return times, parts, losses
+
+
+def bench_train(config: str = "configs/cycle/janus-pro-1b.yaml", micro_batch: int = 32, steps: int = 10,
+                warmup: int = 3, prompt_tokens: int = 32, zero_stage: int = 2, compile_layers: bool = False,
+                ce_chunk: int = 0, ds_overrides: list[str] | None = None, overrides=None) -> dict[str, Any]:
+    """DeepSpeed ZeRO bf16 text-to-image training steps of the configured shape on one GPU, random weights.
+
+    ce_chunk: JanusUMM.image_ce's chunked head + cross-entropy; ds_overrides: DeepSpeed config overrides in the
+    recipes' `dotted.key=value` syntax (e.g. "zero_optimization.overlap_comm=false"). The step is timed whole
+    and in its three parts (forward, backward, optimizer step: synchronised after each)."""
+    cuda = _init_one_rank()
+    umm, engine, params = _setup_train_engine(config, overrides, cuda, micro_batch, zero_stage, compile_layers,
+                                              ce_chunk, ds_overrides)
+    times, parts, losses = _time_train_steps(umm, engine, micro_batch, prompt_tokens, warmup, steps)
+    N = umm.n_image_tokens
     step_s = sum(times) / len(times)
     tokens = micro_batch * (prompt_tokens + N)
     n_path = params_on_path(umm)

@@ -342,6 +342,8 @@ class ImageRollout:
 
         `uncond`: the unconditional prefixes (None: no guidance). Rows are left-padded to a common length
         (rounded up to `pad_to`, so graphs are reused across calls).
+        Kept in one function: it is one decode loop over the preallocated `_State` (reset, prefill, then a
+        graph replay or an eager step per token); the per-token work already lives in `_sample`/`_decode_step`.
         """
         if sampler not in ("hash", "torch"):
             raise ValueError(f"sampler {sampler!r}: expected 'hash' or 'torch'")

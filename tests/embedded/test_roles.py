@@ -1,6 +1,5 @@
 """Every role of the embedded model through the generic model protocol, with behaviour that could fail."""
 
-import random
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 from PIL import Image
 
 from model.protocol import CPR_KINDS, ROLES, CPRExample, Judgement, UnifiedModel, require_role
-from model.world import CATEGORIES, parse, parse_reasoning, verify
+from model.world import parse, parse_reasoning, verify
 from tasks.objectives import dpo_loss, sft_loss
 
 
