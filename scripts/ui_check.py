@@ -39,7 +39,7 @@ OUT = ROOT / "runs" / "ui-check"
 DEPLOYMENTS = ["cycle", "cycle-smoke", "nightly", "stage"]
 RUN_FROM_FORM = "cycle-smoke"
 RUN_NAME_PARAM = "ui-check"  # typed into the form as config.run.name; the artifact keys derive from it
-ARTIFACTS = {f"{RUN_NAME_PARAM}-cycle-0-report": "markdown", f"{RUN_NAME_PARAM}-cycle-0-metrics": "table"}
+ARTIFACTS = {f"{RUN_NAME_PARAM}-cycle-0-report": "markdown", f"{RUN_NAME_PARAM}-cycle-0-report-metrics": "table"}
 CHROMIUM = os.environ.get("SELFPLAY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -31,3 +31,11 @@ def test_bench_storage_prints_json():
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["rows"] == 400 and out["reused"] is True and out["write_rows_per_s"] > 0
+
+
+def test_stage_rerun_names_what_is_wrong_before_any_work(tmp_path):
+    res = runner.invoke(app, ["stage", "judge", "--run", "nope", "--store", str(tmp_path)])
+    assert res.exit_code == 2 and "no recorded run 'nope'" in res.output
+    res = runner.invoke(app, ["stage", "judge", "--run", "../x", "--store", str(tmp_path)])
+    assert res.exit_code == 2 and "invalid run name" in res.output
+    assert not any(tmp_path.iterdir()), "nothing written for a refused command"

@@ -2,11 +2,14 @@
 cache on a second run; the nightly flow chaining cycles through the promoted pointer and discard pool; and
 one-stage reruns of each recorded cycle replaying exactly what it ran."""
 
+import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from configs.schema import CycleConfig
+from flows.cli import app
 from flows.cycle import cycle_flow, nightly_flow, stage_flow
 from storage import Dataset, Registry, RunRecords
 
@@ -83,7 +86,10 @@ def test_nightly_chains_cycles_and_each_recorded_stage_reruns_as_it_ran(tmp_path
     # cycle 1's rollouts (its parent), not the promoted one (cycle 1's child); the pointer does not move
     promoted = Registry(str(tmp_path)).promoted().checkpoint_id
     assert promoted == results[1]["child"]["checkpoint_id"] != rec1.checkpoint_id
-    out = stage_flow("judge", "night", 1, ["judge.rubric.partial_max=4"], store=str(tmp_path))
+    res = CliRunner().invoke(app, ["stage", "judge", "--run", "night", "--cycle", "1", "--store", str(tmp_path),
+                                   "judge.rubric.partial_max=4"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["nodes"]["judge"]["checkpoint_id"] == rec1.checkpoint_id
     assert out["nodes"]["judge"]["outputs"] != out["nodes"]["judge"]["recorded"]
     assert set(out["nodes"]) == {"judge", "select", "reconstruct", "posttrain", "benchmark_child", "judge_shift",
