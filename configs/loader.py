@@ -58,7 +58,7 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if err["type"] == "value_error":  # our validators' own messages, without pydantic's prefix
-        return f"{loc}: {err['ctx']['error']}"
+        return f"{loc}: {err['ctx']['error']}" if err["loc"] else str(err["ctx"]["error"])
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
     return f"{loc}: {err['msg'].lower()}{shown}"

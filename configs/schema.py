@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from configs.loader import Strict
 from model.registry import ModelSection
@@ -73,8 +73,8 @@ class RolloutConfig(Strict):
     samples_per_prompt: int = Field(8, ge=1, le=64)
     cfg_min: float = Field(3.0, ge=0)
     cfg_max: float = Field(8.0, ge=0)
-    temperature: float = Field(1.0, gt=0, le=5.0)
-    top_k: int | None = Field(None, ge=1)
+    sampling: dict = Field(default_factory=dict, description="the backend's sampling parameters (embedded, "
+                           "janus: temperature, top_k), checked against its registered class")
     prompts_per_shard: int = Field(32, ge=1)
     batch_size: int = Field(256, ge=1)
 
@@ -157,7 +157,7 @@ class BenchmarkConfig(Strict):
     prompts_per_category: int = Field(100, ge=1)
     samples: int = Field(8, ge=1, le=64)
     cfg_scale: float = Field(3.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
+    sampling: dict = Field(default_factory=dict, description="the backend's sampling parameters, as rollout's")
     threshold: float = Field(7.0, ge=0, le=10)
     suite_seed: int = Field(7_000_001, ge=0)
     bootstrap: int = Field(1000, ge=100)
@@ -200,7 +200,17 @@ class CycleConfig(Strict):
         # the rubric's shape belongs to the backend's world: check it now, not when the judge first runs
         from model import registry
 
-        check = registry.get(self.model.backend).check_rubric
-        if check is not None:
-            check(self.judge.rubric)
+        backend = registry.get(self.model.backend)
+        if backend.check_rubric is not None:
+            backend.check_rubric(self.judge.rubric)
+        for name in ("rollout", "benchmark"):  # typed by the backend, stored resolved (defaults filled in)
+            section = getattr(self, name)
+            try:
+                typed = backend.sampling.model_validate(section.sampling)
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                where = ".".join(str(p) for p in e["loc"])
+                raise ValueError(f"{name}.sampling.{where}: {e['msg'].lower()} (backend {backend.name!r} samples "
+                                 f"with {', '.join(backend.sampling.model_fields)})") from None
+            section.__dict__["sampling"] = typed.model_dump(mode="json")
         return self

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+from pydantic import Field
+
+from configs.loader import Strict
 
 ROLES = ("propose", "generate", "judge", "answer", "reflect")  # inference roles (training: TrainableModel)
 CPR_KINDS = ("generation", "caption", "judgement", "reflection")
@@ -48,6 +51,15 @@ class CPRExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class TokenSampling(Strict):
+    """How a backend that decodes image tokens one by one samples them (the embedded model, Janus). A
+    flow-matching backend registers its own (steps, timestep shift, CFG interval, ...): rollout and benchmark
+    pass the recipe's `sampling` to generate as keywords, validated by the backend's class."""
+
+    temperature: float = Field(1.0, gt=0, le=5.0)
+    top_k: int | None = Field(None, ge=1)
+
+
 class MissingRoleError(RuntimeError):
     pass
 
@@ -64,8 +76,9 @@ class UnifiedModel(Protocol):
         """For each category and its 1-3 example prompts, a new prompt text."""
 
     def generate(self, prompts: list[str], seeds: list[int], cfg_scales: list[float],
-                 temperature: float = 1.0, top_k: int | None = None) -> list[Image.Image]:
-        """One image per prompt; the same (prompt, seed, params) gives the same image."""
+                 **sampling: Any) -> list[Image.Image]:
+        """One image per prompt; the same (prompt, seed, params) gives the same image. `sampling` are the fields
+        of the backend's registered sampling parameters (TokenSampling for token-by-token image decoders)."""
 
     def judge(self, prompts: list[str], images: list[Image.Image], rubric: Any) -> list[Judgement]:
         """Reasoning listing each checked fact, then a 0-10 score under `rubric`."""
@@ -74,9 +87,8 @@ class UnifiedModel(Protocol):
         """A short text answer per (image, question); captioning asks for the prompt."""
 
     def reflect(self, prompts: list[str], images: list[Image.Image], seeds: list[int],
-                cfg_scales: list[float], temperature: float = 1.0,
-                top_k: int | None = None) -> list[Image.Image]:
-        """A corrected image for each (prompt, flawed image)."""
+                cfg_scales: list[float], **sampling: Any) -> list[Image.Image]:
+        """A corrected image for each (prompt, flawed image), with the same sampling parameters as generate."""
 
     # Optional: a backend whose prompt language has a grammar says which proposals are valid.
     # `canonical_prompt(text) -> (canonical_text | None, category | None, invalid_reason | None)`;

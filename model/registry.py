@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from configs.loader import Strict
+from model.protocol import TokenSampling
 
 # imported on first use, so `selfplay --help` and config validation stay fast
 BUILTIN = {"embedded": "model.embedded.backend", "janus": "model.janus.backend"}
@@ -51,6 +52,8 @@ class Backend:
     check_rubric: Callable[[dict], None] | None = None
     # adds the backend's own commands to the CLI (a typer app), or None
     cli: Callable[[Any], None] | None = None
+    # the typed sampling parameters its generate and reflect take as keywords (rollout.sampling, benchmark.sampling)
+    sampling: type[Strict] = TokenSampling
 
 
 _BACKENDS: dict[str, Backend] = {}

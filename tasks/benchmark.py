@@ -43,7 +43,7 @@ def measure(model, cfg: BenchmarkConfig, suite: list[dict], log=print) -> list[d
     flat = [(i, s) for i in range(len(prompts)) for s in range(cfg.samples)]
     seeds = [stable_seed(cfg.suite_seed, pids[i], s) for i, s in flat]
     images = model.generate([prompts[i] for i, _ in flat], seeds, [cfg.cfg_scale] * len(flat),
-                            temperature=cfg.temperature)
+                            **cfg.sampling)
     own = model.judge([prompts[i] for i, _ in flat], images, None)
     oracle = [verify(prompts[i], im).ok for (i, _), im in zip(flat, images)]
     log(f"[benchmark] {len(images)} images judged by the model and the oracle")

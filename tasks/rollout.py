@@ -6,6 +6,7 @@ Sample i of a prompt uses seed = f(run seed, prompt id, i) and CFG scale linspac
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -16,10 +17,13 @@ from model.protocol import require_role
 from storage import DatasetRef, to_png
 from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, read, stable_seed
 
+# temperature and top_k: the backend's token sampling, null for a backend that samples otherwise; `sampling`
+# holds all of its sampling parameters (JSON)
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("seed", pa.int64()),
                     ("cfg_scale", pa.float32()), ("temperature", pa.float32()), ("top_k", pa.int32()),
-                    ("image", pa.binary()), ("checkpoint_id", pa.string()), ("gen_ms", pa.float32())])
-STAGE = StageSpec(name="rollout", code_version="1", section="rollout", inputs=("prompts",),
+                    ("sampling", pa.string()), ("image", pa.binary()), ("checkpoint_id", pa.string()),
+                    ("gen_ms", pa.float32())])
+STAGE = StageSpec(name="rollout", code_version="2", section="rollout", inputs=("prompts",),
                   outputs={"rollouts": SCHEMA}, sharded=True)
 
 
@@ -45,16 +49,16 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     require_role(model, "generate")
     scales = cfg_scales(cfg)
     jobs = [(pid, text, s) for pid, text in p.shards[i] for s in range(cfg.samples_per_prompt)]
-    rows = []
+    rows, sampling = [], json.dumps(cfg.sampling, sort_keys=True)
     for j in range(0, len(jobs), cfg.batch_size):
         batch = jobs[j:j + cfg.batch_size]
         seeds = [stable_seed(ctx.run_seed, pid, s) for pid, _, s in batch]
         t0 = time.perf_counter()
-        images = model.generate([t for _, t, _ in batch], seeds, [scales[s] for _, _, s in batch],
-                                temperature=cfg.temperature, top_k=cfg.top_k)
+        images = model.generate([t for _, t, _ in batch], seeds, [scales[s] for _, _, s in batch], **cfg.sampling)
         ms = 1000 * (time.perf_counter() - t0) / len(batch)
         rows += [{"prompt_id": pid, "sample_idx": s, "seed": seed, "cfg_scale": scales[s],
-                  "temperature": cfg.temperature, "top_k": cfg.top_k, "image": to_png(img),
+                  "temperature": cfg.sampling.get("temperature"), "top_k": cfg.sampling.get("top_k"),
+                  "sampling": sampling, "image": to_png(img),
                   "checkpoint_id": model.model_id, "gen_ms": ms}
                  for (pid, _, s), seed, img in zip(batch, seeds, images)]
     return pa.Table.from_pylist(rows, schema=SCHEMA)

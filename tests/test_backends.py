@@ -19,7 +19,7 @@ TINY = ROOT / "configs/cycle/tiny.yaml"
 SMALL = {"propose": {"num_prompts": 48}, "rollout": {"prompts_per_shard": 24, "cfg_min": 1.0, "cfg_max": 1.5},
          "posttrain": {"steps": 12, "micro_batch": 16, "checkpoint_every": 6},
          "benchmark": {"prompts_per_category": 6, "samples": 2, "bootstrap": 200, "cfg_scale": 1.0,
-                       "temperature": 1.8}}
+                       "sampling": {"temperature": 1.8}}}
 
 
 @pytest.fixture

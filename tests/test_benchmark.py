@@ -13,7 +13,8 @@ from tasks.judge_shift import rejudge
 from tasks.stage import StageContext, read
 from tasks.stats import paired_delta
 
-CFG = BenchmarkConfig(prompts_per_category=3, samples=2, cfg_scale=1.0, temperature=1.8, bootstrap=200)
+CFG = BenchmarkConfig(prompts_per_category=3, samples=2, cfg_scale=1.0, sampling={"temperature": 1.8},
+                      bootstrap=200)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ def test_every_shipped_cycle_config_validates():
 
 def test_overrides_apply_with_types():
     cfg = load_config(TINY, CycleConfig, ["rollout.samples_per_prompt=4", "select.threshold=8.5",
-                                          "rollout.top_k=null", "run.name=night-1"])
+                                          "rollout.sampling.top_k=null", "run.name=night-1"])
     assert cfg.rollout.samples_per_prompt == 4 and cfg.select.threshold == 8.5
-    assert cfg.rollout.top_k is None and cfg.run.name == "night-1"
+    assert cfg.rollout.sampling["top_k"] is None and cfg.run.name == "night-1"
 
 
 @pytest.mark.parametrize("override, key, expected", [
@@ -34,6 +34,8 @@ def test_overrides_apply_with_types():
     ("select.threshold=11", "select.threshold", "less than or equal to 10"),
     ("rollout.cfg_min=9", "rollout", "cfg_min (9.0) must be <= cfg_max"),
     ("model.backend=bagel", "model.backend", "registered: embedded, janus"),
+    ("rollout.sampling.temperature=0", "rollout.sampling.temperature", "greater than 0"),
+    ("benchmark.sampling.steps=20", "benchmark.sampling.steps", "samples with temperature, top_k"),
     ("run.name=../x", "run.name", "invalid run name"),
 ])
 def test_bad_values_fail_naming_file_key_and_expectation(override, key, expected):
