@@ -8,7 +8,7 @@ One step = the backend's text-to-image loss (JanusUMM.image_ce: 32 prompt tokens
 cross-entropy through generation_head), backward, clipping, fused AdamW through DeepSpeed's ZeRO optimizer.
 MFU = 6 x parameters on the path x tokens / time / 989 TFLOP/s. Prints JSON as its last line.
 
-Defaults are the fastest measured on an H200 (README): each decoder layer through torch.compile (fuses the
+Defaults are the fastest measured on an H200 (docs/janus.md): each decoder layer through torch.compile (fuses the
 norms, rotary embedding and activations: 31.9 -> 43.8 % MFU at micro-batch 32), micro-batch 48 (47.5 %: the
 optimizer step, ~75 ms whatever the batch, is spread over more tokens) and the chunked cross-entropy (same speed,
 2.5 GiB less peak memory, so that micro-batch 48 also fits an 80 GB H100).

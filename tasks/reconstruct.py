@@ -24,7 +24,7 @@ from storage import DatasetRef
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, prompt_id, read, stable_seed
 
 # a backend without caption templates of its own is asked in plain words
-DEFAULT_CAPTION_TEMPLATES = ("which prompt made this image", "what prompt drew this picture",
+GENERIC_CAPTION_TEMPLATES = ("which prompt made this image", "what prompt drew this picture",
                              "write the prompt of this image")
 
 SCHEMA = pa.schema([("example_id", pa.string()), ("kind", pa.string()), ("split", pa.string()),
@@ -116,7 +116,7 @@ def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, captio
 
 def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext,
         refresh: bool = False) -> dict[str, DatasetRef]:
-    templates = tuple(getattr(ctx.model, "caption_templates", DEFAULT_CAPTION_TEMPLATES))
+    templates = tuple(getattr(ctx.model, "caption_templates", GENERIC_CAPTION_TEMPLATES))
     cache: dict[str, list] = {}
 
     def table(name):

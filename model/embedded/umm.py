@@ -269,8 +269,6 @@ class EmbeddedUMM:
         return out
 
     # ------------------------------------------------------------------ prompt language (for the stages)
-    caption_templates = S.CAPTION_TEMPLATES
-
     @staticmethod
     def canonical_prompt(text: str) -> tuple[str | None, str | None, str | None]:
         """(canonical text, category, None) for a valid world prompt, else (None, None, reason)."""

@@ -92,7 +92,7 @@ if triton is not None:
 
 
 # (BLOCK_N, num_warps, num_stages) by cache format, the fastest of a sweep at 512 rows x 16 heads x 128 on an H200
-# (scripts/bench_janus_attn.py; README)
+# (scripts/bench_janus_attn.py; docs/janus.md)
 CONFIGS = {False: (32, 1, 2), True: (32, 1, 3)}
 
 

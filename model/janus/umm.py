@@ -44,13 +44,13 @@ TEXT_KINDS = ("caption", "judgement", "question")
 
 
 class Settings(Strict):
-    """How the backend runs (not part of the weights); `model.sampling` in a cycle recipe overrides these."""
+    """How the backend runs (not part of the weights); `model.settings` in a cycle recipe overrides these."""
 
     sampler: Literal["hash", "torch"] = "hash"
     image_batch: int = Field(64, ge=1, description="images per rollout-engine call")
     kv_cache: Literal["model", "fp8"] = Field(
         "model", description="rollout KV cache: the model's dtype, or fp8 e4m3 with per-vector scales (about half "
-        "the bytes read per decoding step; changes some sampled tokens, see the README)")
+        "the bytes read per decoding step; changes some sampled tokens, see docs/janus.md)")
     text_batch: int = Field(16, ge=1, description="sequences per text-generation batch")
     propose_tokens: int = Field(40, ge=1)
     answer_tokens: int = Field(24, ge=1)
