@@ -5,6 +5,7 @@ Each stage's section is part of that stage's fingerprint, so only what changes t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,11 +29,21 @@ class RunConfig(Strict):
     store: str = Field("./runs", description="artifact store: a local folder or any fsspec URL")
     seed: int = Field(0, ge=0, description="base seed of every random choice in the cycle")
     cycle: int = Field(0, ge=0)
+    cluster: str = Field("local", description="where shards run: 'local' (this process), 'dask' (a Dask cluster "
+                         "started for the run: one worker per GPU, or stages.workers single-threaded processes on a "
+                         "CPU machine) or an existing Dask scheduler's address, tcp://host:8786")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return validate_name(v, "run name")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, v: str) -> str:
+        if v not in ("local", "dask") and not re.fullmatch(r"(tcp|tls|ucx)://[^\s/]+(:\d+)?", v):
+            raise ValueError(f"expected 'local', 'dask' or a Dask scheduler address such as tcp://host:8786, got {v!r}")
+        return v
 
 
 def _model_section(data: Any) -> ModelSection:
@@ -176,10 +187,23 @@ class GateConfig(Strict):
 
 
 class StageCacheConfig(Strict):
-    """Retries of a failed shard (rollout, judge): delays grow exponentially from `retry_delay_s`."""
+    """How shards run: retries of a failed shard (delays grow exponentially from `retry_delay_s`) and, with
+    `run.cluster` other than local, how many workers each stage may use. None of it enters a fingerprint."""
 
     retries: int = Field(2, ge=0, le=10)
     retry_delay_s: float = Field(2.0, gt=0)
+    workers: int = Field(2, ge=1, le=256, description="run.cluster=dask on a CPU machine: worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=64, description="torch threads in each CPU worker process")
+    scale: dict[str, int] = Field(default_factory=dict, description="stage -> the most workers its shards may use "
+                                  "(e.g. rollout: 8, judge: 4); a stage not named may use every worker")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"each stage needs at least one worker, got {bad}")
+        return v
 
 
 class CycleConfig(Strict):

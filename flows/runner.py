@@ -8,12 +8,13 @@ the run record (storage/runs.py) as it finishes: its resolved inputs, outputs, c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 from typing import Any
 
-from prefect import task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
     update_progress_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
@@ -22,10 +23,11 @@ from prefect.tasks import exponential_backoff
 from tqdm.auto import tqdm
 
 from configs.schema import CycleConfig
+from flows.cluster import prepare_workers, task_runner
 from flows.dags import Dag, DagError, Node
 from storage import Dataset, DatasetRef, NodeRecord, RunRecord, RunRecords, Store, commit_parts
 from tasks import STAGES, models
-from tasks.stage import StageContext, StagePlan, read
+from tasks.stage import StageContext, StagePlan, StageSpec, read
 
 
 class DatasetCache(CachePolicy):
@@ -37,9 +39,10 @@ class DatasetCache(CachePolicy):
 
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="{node}[{index}]")
-def shard_task(node: str, index: int, module: Any, plan: StagePlan, ctx: StageContext) -> bool:
-    """Compute one part unless it is already committed; returns True if it computed."""
-    return Dataset(plan.ref).ensure_part(index, lambda: module.compute_part(plan, index, ctx))[1]
+def shard_task(node: str, index: int, module: Any, plan: StagePlan, ctx: StageContext) -> dict:
+    """Compute one part unless it is already committed (a Dask worker writes it straight to the store)."""
+    computed = Dataset(plan.ref).ensure_part(index, lambda: module.compute_part(plan, index, ctx))[1]
+    return {"computed": computed, "worker": worker_name()}
 
 
 @task(name="commit", cache_policy=DatasetCache(), persist_result=True, result_serializer="json",
@@ -56,9 +59,10 @@ def stage_task(node: str, module: Any, inputs: dict[str, DatasetRef], cfg: Any, 
     return module.run(inputs, cfg, ctx, refresh)
 
 
-def run_sharded(node: str, module: Any, plan: StagePlan, ctx: StageContext, refresh: bool, cfg: CycleConfig
-                ) -> DatasetRef:
-    """Map the stage's missing shards as Prefect tasks, with a progress bar and a progress artifact."""
+def run_sharded(node: str, module: Any, plan: StagePlan, ctx: StageContext, refresh: bool, cfg: CycleConfig,
+                placement: dict | None) -> DatasetRef:
+    """Map the stage's missing shards as Prefect tasks (on the workers the stage may use), with a progress bar
+    and a progress artifact; the manifest is committed here once every part exists."""
     ds = Dataset(plan.ref)
     fresh = refresh or not ds.intact()
     if refresh:
@@ -73,14 +77,43 @@ def run_sharded(node: str, module: Any, plan: StagePlan, ctx: StageContext, refr
             shard = shard_task.with_options(
                 retries=cfg.stages.retries,
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.stages.retry_delay_s))
-            futures = [shard.submit(node, i, module, plan, ctx) for i in missing]
+            with where(module.STAGE, placement, cfg):
+                futures = [shard.submit(node, i, module, plan, ctx) for i in missing]
+            workers = set()
             with tqdm(total=len(missing), desc=node, unit="shard") as bar:
                 for done, fut in enumerate(as_completed(futures), 1):
-                    fut.result()
+                    workers.add(fut.result()["worker"])
                     bar.update()
                     update_progress_artifact(artifact, 100.0 * done / len(missing))
+            if placement is not None:
+                ctx.log(f"[{node}] {len(missing)} shards on {len(workers)} worker(s): {', '.join(sorted(workers))}")
     out = commit_task.with_options(refresh_cache=fresh)(node, plan)
     return DatasetRef.model_validate(out)
+
+
+def worker_name() -> str:
+    """The Dask worker running this, or 'local'."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return "local"
+
+
+def where(spec: StageSpec, placement: dict | None, cfg: CycleConfig):
+    """Dask annotations for a stage's shards: the workers it may use (`stages.scale`) and, on GPU workers, one GPU
+    per shard for a stage that runs a model."""
+    if placement is None:
+        return contextlib.nullcontext()
+    import dask
+
+    annotations: dict[str, Any] = {}
+    if spec.name in cfg.stages.scale:
+        annotations.update(workers=placement["workers"][: cfg.stages.scale[spec.name]], allow_other_workers=False)
+    if placement["gpu"] and spec.model:
+        annotations["resources"] = {"GPU": 1}
+    return dask.annotate(**annotations)
 
 
 def node_config(cfg: CycleConfig, section: str | tuple[str, ...] | None, overrides: dict[str, dict]) -> Any:
@@ -105,9 +138,10 @@ class Contexts:
         if checkpoint_id not in self.by_id:
             section = self.cfg.model.model_copy(update={"checkpoint": checkpoint_id})
             ckpt = models.resolve(section, self.cfg.run.store, self.cfg.run.cycle)
+            by_id = section.model_copy(update={"checkpoint": ckpt.checkpoint_id})
             self.by_id[checkpoint_id] = StageContext(
                 store=self.cfg.run.store, run=self.cfg.run.name, run_seed=self.cfg.run.seed,
-                cycle=self.cfg.run.cycle, model_loader=lambda: models.load(section, ckpt),
+                cycle=self.cfg.run.cycle, model_loader=models.Loader(by_id, self.cfg.run.store),
                 model_id=ckpt.checkpoint_id, model_dir=ckpt.directory, registry_line=section.registry_line,
                 replay=self.replay, log=lambda msg: print(msg, flush=True))
         return self.by_id[checkpoint_id]
@@ -137,11 +171,24 @@ def _inputs(dag: Dag, node: Node, outputs: dict[str, dict[str, DatasetRef]],
 def run_dag(dag: Dag, cfg: CycleConfig, *, carried: dict[str, DatasetRef] | None = None,
             given: dict[str, NodeRecord] | None = None, nodes: list[str] | None = None,
             refresh: frozenset[str] = frozenset(), replay: bool = False, variant: str = "") -> RunRecord:
-    """Execute `nodes` of the DAG (default: all) in order; `given` nodes are taken from an earlier record.
-
-    The parent checkpoint is resolved once (a pointer becomes its id); what the previous cycle left (discard
-    pool, seed library) is carried in from its record unless given."""
+    """Execute `nodes` of the DAG (default: all) in order, as a Prefect flow run on the task runner `run.cluster`
+    asks for; `given` nodes are taken from an earlier record. Checked before any work: the DAG, the stages
+    `stages.scale` names, and that a scheduler address answers."""
     dag.check()
+    unknown = sorted(set(cfg.stages.scale) - {n.stage for n in dag.nodes if STAGES[n.stage].STAGE.sharded})
+    if unknown:
+        raise DagError(f"stages.scale names {unknown}: not sharded stages of DAG {dag.name!r} (those are "
+                       f"{', '.join(sorted({n.stage for n in dag.nodes if STAGES[n.stage].STAGE.sharded}))})")
+    flow_ = dag_flow.with_options(task_runner=task_runner(cfg),
+                                  flow_run_name=f"{dag.name}: {cfg.run.name} cycle {cfg.run.cycle}")
+    return flow_(dag, cfg, carried, given, nodes, sorted(refresh), replay, variant)
+
+
+@flow(name="selfplay-dag", log_prints=True, validate_parameters=False)
+def dag_flow(dag: Dag, cfg: CycleConfig, carried: dict[str, DatasetRef] | None, given: dict[str, NodeRecord] | None,
+             nodes: list[str] | None, refresh: list[str], replay: bool, variant: str) -> RunRecord:
+    """The one runner: the DAG's nodes in order, each recorded as it finishes."""
+    placement = prepare_workers(cfg) if cfg.run.cluster != "local" else None
     records = RunRecords(cfg.run.store, cfg.run.name)
     ctxs = Contexts(cfg, replay)
     parent = ctxs.for_checkpoint(cfg.model.checkpoint)  # 'base', 'promoted', a directory or an id, once
@@ -172,7 +219,7 @@ def run_dag(dag: Dag, cfg: CycleConfig, *, carried: dict[str, DatasetRef] | None
         if spec.sharded:
             plan = module.plan(inputs, section, ctx)
             outputs[node.id] = {plan.ref.stage: run_sharded(node.id, module, plan, ctx, node.id in refresh,
-                                                            resolved)}
+                                                            resolved, placement)}
         else:
             outputs[node.id] = stage_task(node.id, module, inputs, section, ctx, node.id in refresh)
         record.nodes[node.id] = NodeRecord(stage=node.stage, inputs=inputs, outputs=outputs[node.id],

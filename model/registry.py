@@ -12,7 +12,6 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import Field
@@ -117,17 +116,35 @@ def device_of(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@lru_cache(maxsize=4)
-def _load(backend: str, directory: str, device: str, section_json: str) -> Any:
-    b = get(backend)
-    return b.load(b.config.model_validate_json(section_json), directory, device)
+# Models stay resident per process, keyed by checkpoint directory and section: a worker loads a stage's model once
+# per checkpoint and keeps it for every shard it gets. SELFPLAY_RESIDENT_MODELS bounds how many stay (the oldest
+# goes first): a Dask worker keeps one, so a new checkpoint releases the last one's memory.
+RESIDENT_ENV = "SELFPLAY_RESIDENT_MODELS"
+_RESIDENT: dict[tuple[str, str, str, str], Any] = {}
 
 
 def load(cfg: ModelSection, directory: str) -> Any:
-    """The model in `directory` for this section, cached per process (a worker keeps it resident)."""
-    # the checkpoint pointer is not part of the cache key: the directory is
-    key = cfg.model_copy(update={"checkpoint": "base"}).model_dump_json()
-    return _load(cfg.backend, directory, device_of(cfg.device), key)
+    """The model in `directory` for this section, resident in this process."""
+    # the checkpoint pointer is not part of the key: the directory is
+    key = (cfg.backend, directory, device_of(cfg.device), cfg.model_copy(update={"checkpoint": "base"}).model_dump_json())
+    if key not in _RESIDENT:
+        limit = max(1, int(os.environ.get(RESIDENT_ENV, "4")))
+        while len(_RESIDENT) >= limit:
+            _RESIDENT.pop(next(iter(_RESIDENT)))
+            _free_accelerator()
+        b = get(cfg.backend)
+        _RESIDENT[key] = b.load(cfg, directory, key[2])
+    return _RESIDENT[key]
+
+
+def _free_accelerator() -> None:
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_trainable(directory: str, device: str = "cpu", dtype: str = "auto") -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from model import registry
@@ -66,3 +67,21 @@ def load(cfg: ModelSection, ckpt: Checkpoint) -> Any:
     if model.model_id != ckpt.checkpoint_id:  # the registry's copy verified its checksums: this cannot drift
         raise RegistryError(f"checkpoint {ckpt.checkpoint_id} loads as {model.model_id}")
     return model
+
+
+@lru_cache(maxsize=16)
+def local_copy(store: str, line: str, checkpoint_id: str) -> Checkpoint:
+    """A registered checkpoint in a local directory, its checksums verified once per process."""
+    return Checkpoint(checkpoint_id, Registry(store, line).local_dir(checkpoint_id))
+
+
+@dataclass(frozen=True)
+class Loader:
+    """Loads a registered checkpoint's model in whichever process calls it: a Dask worker gets the loader, not the
+    model, resolves its own local copy from the store and keeps the model resident."""
+
+    section: ModelSection  # its checkpoint is a registered id
+    store: str
+
+    def __call__(self) -> Any:
+        return load(self.section, local_copy(self.store, self.section.registry_line, self.section.checkpoint))

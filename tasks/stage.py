@@ -56,6 +56,10 @@ class StageContext:
     log: Callable[[str], None] = print
     _model: Any = field(default=None, repr=False)
 
+    def __getstate__(self) -> dict:
+        # a context travels to workers without its loaded model: each worker loads (and keeps) its own
+        return {**self.__dict__, "_model": None}
+
     @property
     def model(self) -> Any:
         if self._model is None:
