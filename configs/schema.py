@@ -148,7 +148,15 @@ class PosttrainConfig(Strict):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0 = no EMA; UniCorn: 0.99")
     export: Literal["ema", "raw"] = "raw"
     checkpoint_every: int = Field(50, ge=1)
-    nproc: int = Field(1, ge=1, description="ranks (GPUs, or CPU processes with gloo)")
+    nproc: int | Literal["auto"] = Field("auto", description="ranks: 'auto' is one per GPU of the machine (one "
+                                         "process on a CPU machine); or a number (GPUs, or CPU processes with gloo)")
+
+    @field_validator("nproc")
+    @classmethod
+    def _nproc(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("nproc must be >= 1 or 'auto'")
+        return v
     zero_stage: int = Field(2, ge=0, le=2)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     dpo_beta: float = Field(0.1, gt=0)

@@ -1,4 +1,5 @@
-"""`selfplay bench stages`: wall time of each generation-side stage on the embedded model, JSON."""
+"""`selfplay bench stages` (wall time of each generation-side stage on the embedded model) and `selfplay bench
+scale` (rollout + judge in-process and on Dask workers through the runner), JSON."""
 
 from __future__ import annotations
 
@@ -47,3 +48,68 @@ def bench_stages(prompts: int = 300, samples: int = 8, threads: int | None = Non
         return out
     finally:
         shutil.rmtree(store, ignore_errors=True)
+
+
+def bench_scale(config: str, overrides: list[str], prompts: int = 64, workers: tuple[int, ...] = (1, 2),
+                local: bool = True) -> dict:
+    """rollout + judge of `prompts` fixed ShapeWorld prompts through the runner a cycle uses: in-process
+    (`local`), then on a Dask cluster of each worker count. Images/s from the first shard's start to the last
+    one's end (model loading excluded); the datasets of every run are compared row for row (gen_ms aside)."""
+    from configs.loader import load_config
+    from flows.dags import Dag, Node
+    from flows.runner import run_dag
+    from storage import Dataset, NodeRecord
+    from tasks.suite import suite_prompts
+
+    base = load_config(config, CycleConfig, overrides)
+    store = tempfile.mkdtemp(prefix="bench-scale-")
+    try:
+        ref = _fixed_prompts(store, [p for _, p in suite_prompts(base.benchmark)][:prompts])
+        dag = Dag("scale", (Node("propose", "propose"), Node("rollout", "rollout"), Node("judge", "judge")))
+        modes = ([("local", 1)] if local else []) + [("dask", n) for n in workers]
+        out: dict = {"config": config, "prompts": prompts, "samples_per_prompt": base.rollout.samples_per_prompt,
+                     "threads_per_worker": base.stages.threads_per_worker, "runs": []}
+        rows = {}
+        for cluster, n in modes:
+            name = f"scale-{cluster}-{n}"
+            cfg = base.model_copy(update={
+                "run": base.run.model_copy(update={"name": name, "store": store, "cluster": cluster}),
+                "stages": base.stages.model_copy(update={"workers": n})})
+            rec = run_dag(dag, cfg, given={"propose": NodeRecord(stage="propose", outputs={"prompts": ref})},
+                          nodes=["rollout", "judge"])
+            run = {"cluster": cluster, "workers": n if cluster != "local" else 0}
+            for node, ds in (("rollout", "rollouts"), ("judge", "judgements")):
+                d = Dataset(rec.outputs(node)[ds])
+                m = d.manifest()
+                run[f"{node}_wall_s"] = m.timings.get("wall_s")
+                run[f"{node}_images_per_s"] = round(m.rows / m.timings["wall_s"], 2) if m.timings.get("wall_s") else None
+                rows[(name, ds)] = sorted(tuple(sorted((k, str(v)) for k, v in r.items() if k != "gen_ms"))
+                                          for r in d.read().to_pylist())
+            run["images_per_s"] = round(m.rows / (run["rollout_wall_s"] + run["judge_wall_s"]), 2)
+            out["runs"].append(run)
+        names = sorted({n for n, _ in rows})
+        out["datasets_equal"] = all(rows[(a, ds)] == rows[(names[0], ds)] for a in names
+                                    for ds in ("rollouts", "judgements"))
+        first = next(r for r in out["runs"] if r["cluster"] == "dask")
+        for r in out["runs"]:
+            r["speedup_vs_one_worker"] = round(r["images_per_s"] / first["images_per_s"], 3)
+        return out
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def _fixed_prompts(store: str, texts: list[str]):
+    """A prompts dataset of these texts, as propose would write them (valid, source 'suite')."""
+    import pyarrow as pa
+
+    from storage import DatasetRef, build, fingerprint
+    from tasks.propose import SCHEMA
+    from tasks.stage import prompt_id
+
+    ref = DatasetRef(store=store, run="scale", stage="prompts",
+                     fingerprint=fingerprint("bench-prompts", texts, {}, None, "1"))
+    rows = [{"prompt_id": prompt_id(t), "cycle": 0, "category": "", "prompt": t, "seed_prompt_ids": [],
+             "source": "suite", "valid": True, "invalid_reason": None} for t in texts]
+    build(ref, 1, lambda _: pa.Table.from_pylist(rows, schema=SCHEMA), config={}, upstream={}, model_id=None,
+          code_version="1", log=lambda _: None)
+    return ref

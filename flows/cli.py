@@ -36,6 +36,17 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def call_flow(fn, *args, **kwargs):
+    """A flow, with what is wrong before any work (a DAG, an unreachable scheduler) said in one message."""
+    from flows.cluster import ClusterError
+    from flows.dags import DagError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ClusterError, DagError) as exc:
+        fail(str(exc))
+
+
 def load_cycle_config(path: Path, overrides: list[str] | None):
     from configs.loader import ConfigError, load_config
     from configs.schema import CycleConfig
@@ -108,7 +119,7 @@ def run(config: ConfigPath, overrides: Overrides = None) -> None:
     cfg = load_cycle_config(config, overrides)
     from flows.cycle import cycle_flow
 
-    summary = cycle_flow(cfg)
+    summary = call_flow(cycle_flow, cfg)
     _print_cycle(summary)
     keep = ("gen_acc_oracle", "und_acc_gt", "non_unification", "unicycle_soft", "unicycle_hard",
             "judge_oracle_agreement", "judge_agreement_on_parent_images", "best_of_n_self", "checkpoint_id")
@@ -124,7 +135,7 @@ def nightly(config: ConfigPath, overrides: Overrides = None,
     cfg = load_cycle_config(config, overrides)
     from flows.cycle import nightly_flow
 
-    results = nightly_flow(cfg, cycles)
+    results = call_flow(nightly_flow, cfg, cycles)
     for summary in results:
         _print_cycle(summary)
     typer.echo(json.dumps([{"cycle": s["cycle"], "promoted": s["promoted"], "parent": s["parent"],
@@ -161,7 +172,7 @@ def ablate_cpr(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Pa
         ReconstructConfig(mixture=mixture)
     except ValidationError as exc:
         fail(f"--cpr-mixture: {exc.errors()[0]['msg']} (got {mixture})")
-    typer.echo(json.dumps(ablate_cpr_flow(cfg, mixture)))
+    typer.echo(json.dumps(call_flow(ablate_cpr_flow, cfg, mixture)))
 
 
 @app.command("generate")
@@ -172,7 +183,7 @@ def generate(config: ConfigPath, overrides: Overrides = None,
     cfg = load_cycle_config(config, overrides)
     from flows.cycle import generate_flow
 
-    summary = generate_flow(cfg, refresh=refresh or [])
+    summary = call_flow(generate_flow, cfg, refresh=refresh or [])
     typer.echo(json.dumps(summary))
 
 
@@ -211,6 +222,18 @@ def bench_stages(prompts: int = 300, samples: int = 8) -> None:
     from flows.bench import bench_stages as run
 
     typer.echo(json.dumps(run(prompts=prompts, samples=samples)))
+
+
+@bench_app.command("scale")
+def bench_scale(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Path("configs/cycle/tiny.yaml"),
+                overrides: Overrides = None, prompts: int = 64,
+                workers: Annotated[Optional[list[int]], typer.Option(help="Dask worker counts (repeatable)")] = None,
+                local: Annotated[bool, typer.Option(help="also run in-process, as run.cluster=local")] = True) -> None:
+    """rollout + judge throughput in-process and on Dask workers (1 and N), datasets compared, JSON last line."""
+    from flows.bench import bench_scale as run
+
+    load_cycle_config(config, overrides)  # a bad recipe stops here, before any cluster starts
+    typer.echo(json.dumps(run(str(config), list(overrides or []), prompts, tuple(workers or [1, 2]), local)))
 
 
 @app.command("pretrain")

@@ -45,8 +45,13 @@ def task_runner(cfg: CycleConfig):
     cluster = cfg.run.cluster
     if cluster == "local":
         return ThreadPoolTaskRunner(max_workers=1)
+    import dask
+    import distributed  # noqa: F401  (its config defaults load first, so the setting below stays)
     from prefect_dask import DaskTaskRunner
 
+    # a nanny sets these in its own process, which for a local cluster is this one, and they would leak into the
+    # post-training subprocess (one OpenMP thread: other float sums, another child); ShardWorker sets a worker's
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {}})
     if cluster != "dask":
         check_reachable(cluster)
         return DaskTaskRunner(address=cluster)
@@ -76,6 +81,15 @@ def prepare_workers(cfg: CycleConfig) -> dict[str, Any]:
     workers = client.scheduler_info()["workers"]
     ordered = sorted(workers, key=lambda a: str(workers[a].get("name")))
     return {"workers": ordered, "gpu": any(w.get("resources", {}).get("GPU") for w in workers.values())}
+
+
+def release_workers() -> None:
+    """Every worker drops its resident models: post-training is about to take the machine's GPUs."""
+    from prefect.context import FlowRunContext
+
+    from model.registry import release_resident
+
+    FlowRunContext.get().task_runner.client.run(release_resident)
 
 
 def _has_dask_cuda() -> bool:

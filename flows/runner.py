@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import time
 from typing import Any
 
 from prefect import flow, task
@@ -23,7 +24,7 @@ from prefect.tasks import exponential_backoff
 from tqdm.auto import tqdm
 
 from configs.schema import CycleConfig
-from flows.cluster import prepare_workers, task_runner
+from flows.cluster import prepare_workers, release_workers, task_runner
 from flows.dags import Dag, DagError, Node
 from storage import Dataset, DatasetRef, NodeRecord, RunRecord, RunRecords, Store, commit_parts
 from tasks import STAGES, models
@@ -40,16 +41,20 @@ class DatasetCache(CachePolicy):
 
 @task(name="shard", cache_policy=NO_CACHE, task_run_name="{node}[{index}]")
 def shard_task(node: str, index: int, module: Any, plan: StagePlan, ctx: StageContext) -> dict:
-    """Compute one part unless it is already committed (a Dask worker writes it straight to the store)."""
+    """Compute one part unless it is already committed (a Dask worker writes it straight to the store).
+    The times exclude loading the model, which a worker does once per checkpoint."""
+    if module.STAGE.model and Dataset(plan.ref).committed_part(index) is None:
+        ctx.model  # noqa: B018  (resident from now on)
+    t0 = time.time()
     computed = Dataset(plan.ref).ensure_part(index, lambda: module.compute_part(plan, index, ctx))[1]
-    return {"computed": computed, "worker": worker_name()}
+    return {"computed": computed, "worker": worker_name(), "t0": t0, "t1": time.time()}
 
 
 @task(name="commit", cache_policy=DatasetCache(), persist_result=True, result_serializer="json",
       task_run_name="commit {node}")
-def commit_task(node: str, plan: StagePlan) -> dict:
+def commit_task(node: str, plan: StagePlan, timings: dict[str, float] | None = None) -> dict:
     commit_parts(plan.ref, plan.n_parts, config=plan.config, upstream=plan.inputs, model_id=plan.model_id,
-                 code_version=plan.code_version)
+                 code_version=plan.code_version, timings=timings)
     return plan.ref.model_dump()
 
 
@@ -64,7 +69,7 @@ def run_sharded(node: str, module: Any, plan: StagePlan, ctx: StageContext, refr
     """Map the stage's missing shards as Prefect tasks (on the workers the stage may use), with a progress bar
     and a progress artifact; the manifest is committed here once every part exists."""
     ds = Dataset(plan.ref)
-    fresh = refresh or not ds.intact()
+    fresh, missing = refresh or not ds.intact(), []
     if refresh:
         ds.clear(plan.n_parts)
     elif fresh and ds.exists():  # damaged: forget the manifest, recompute the bad parts
@@ -79,15 +84,19 @@ def run_sharded(node: str, module: Any, plan: StagePlan, ctx: StageContext, refr
                 retry_delay_seconds=exponential_backoff(backoff_factor=cfg.stages.retry_delay_s))
             with where(module.STAGE, placement, cfg):
                 futures = [shard.submit(node, i, module, plan, ctx) for i in missing]
-            workers = set()
+            ran = []
             with tqdm(total=len(missing), desc=node, unit="shard") as bar:
                 for done, fut in enumerate(as_completed(futures), 1):
-                    workers.add(fut.result()["worker"])
+                    ran.append(fut.result())
                     bar.update()
                     update_progress_artifact(artifact, 100.0 * done / len(missing))
+            workers = sorted({r["worker"] for r in ran})
+            # from the first shard's start to the last one's end, model loading excluded: what bench scale reads
+            timings = {"wall_s": round(max(r["t1"] for r in ran) - min(r["t0"] for r in ran), 4),
+                       "compute_s": round(sum(r["t1"] - r["t0"] for r in ran), 4), "workers": len(workers)}
             if placement is not None:
-                ctx.log(f"[{node}] {len(missing)} shards on {len(workers)} worker(s): {', '.join(sorted(workers))}")
-    out = commit_task.with_options(refresh_cache=fresh)(node, plan)
+                ctx.log(f"[{node}] {len(missing)} shards on {len(workers)} worker(s): {', '.join(workers)}")
+    out = commit_task.with_options(refresh_cache=fresh)(node, plan, timings if fresh and missing else None)
     return DatasetRef.model_validate(out)
 
 
@@ -221,6 +230,8 @@ def dag_flow(dag: Dag, cfg: CycleConfig, carried: dict[str, DatasetRef] | None, 
             outputs[node.id] = {plan.ref.stage: run_sharded(node.id, module, plan, ctx, node.id in refresh,
                                                             resolved, placement)}
         else:
+            if spec.exclusive and placement is not None:
+                release_workers()
             outputs[node.id] = stage_task(node.id, module, inputs, section, ctx, node.id in refresh)
         record.nodes[node.id] = NodeRecord(stage=node.stage, inputs=inputs, outputs=outputs[node.id],
                                            checkpoint_id=ctx.model_id if spec.model else None,

@@ -30,6 +30,8 @@ class ShardWorker(WorkerPlugin):
             os.environ.setdefault("PREFECT_API_URL", self.api_url)
         os.environ["SELFPLAY_RESIDENT_MODELS"] = "1"
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # before torch loads here
+            os.environ[var] = str(self.threads)
         if self.gpus and "CUDA_VISIBLE_DEVICES" not in os.environ:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(int(worker.name) % self.gpus)
         import torch

@@ -137,6 +137,14 @@ def load(cfg: ModelSection, directory: str) -> Any:
     return _RESIDENT[key]
 
 
+def release_resident() -> int:
+    """Drop every resident model of this process (before a job that needs the accelerator's whole memory)."""
+    n = len(_RESIDENT)
+    _RESIDENT.clear()
+    _free_accelerator()
+    return n
+
+
 def _free_accelerator() -> None:
     import gc
     import sys

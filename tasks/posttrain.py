@@ -27,7 +27,7 @@ CHECKPOINT = pa.schema([("checkpoint_id", pa.string()), ("parent", pa.string()),
                         ("metrics", pa.string())])
 # code version 2: EMA leaves integer buffers alone; 3: mixture-weighted loss; 4: judgement one fact a sequence
 STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", inputs=("cpr", "dpo_pairs"),
-                  outputs={"checkpoint": CHECKPOINT})
+                  outputs={"checkpoint": CHECKPOINT}, exclusive=True)
 # how many ranks train and how often they save change speed, not the model: they stay out of the fingerprint
 SPEED_ONLY = {"nproc", "timeout_s", "checkpoint_every"}
 
@@ -48,7 +48,21 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def launch(job: dict, out: Path, nproc: int, timeout_s: int, log) -> None:
+def rank_count(nproc: int | str) -> int:
+    """'auto': one rank per GPU of this machine, one on a CPU machine."""
+    if nproc != "auto":
+        return int(nproc)
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
+
+
+def launch(job: dict, out: Path, nproc: int | str, timeout_s: int, log) -> None:
+    """torchrun over `nproc` ranks on this machine (multi-node: DeepSpeed's hostfile launch, see the README)."""
+    nproc = rank_count(nproc)
     out.mkdir(parents=True, exist_ok=True)
     job_path = out / "job.json"
     job_path.write_text(json.dumps({**job, "out_dir": str(out)}, indent=1))
@@ -78,9 +92,9 @@ def launch(job: dict, out: Path, nproc: int, timeout_s: int, log) -> None:
                                f"on the next run (log: {out / 'worker.log'})") from None
     if rc != 0:
         lines = (out / "worker.log").read_text(errors="replace").splitlines()
-        ranks = [ln for ln in lines if ln.startswith("[rank")]  # the worker's own traceback, not torchrun's
+        own = [ln for ln in lines if ln.startswith("[rank")]  # the worker's own traceback, not torchrun's
         raise RuntimeError(f"posttrain: worker failed with exit code {rc} (log: {out / 'worker.log'}):\n"
-                           + "\n".join((ranks or lines)[-15:]))
+                           + "\n".join((own or lines)[-15:]))
 
 
 def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,

@@ -38,6 +38,7 @@ class StageSpec:
     model: bool = True  # runs the node's model (its checkpoint id enters the fingerprint)
     sharded: bool = False  # plan + compute_part; else run
     artifact: str | None = None  # an output with `markdown` and `table` columns the runner publishes
+    exclusive: bool = False  # takes every GPU of the machine: Dask workers release their resident models first
 
 
 @dataclass
