@@ -51,7 +51,7 @@ def bench_stages(prompts: int = 300, samples: int = 8, threads: int | None = Non
 
 
 def bench_scale(config: str, overrides: list[str], prompts: int = 64, workers: tuple[int, ...] = (1, 2),
-                local: bool = True) -> dict:
+                local: bool = True, judge: bool = True) -> dict:
     """rollout + judge of `prompts` fixed ShapeWorld prompts through the runner a cycle uses: in-process
     (`local`), then on a Dask cluster of each worker count. Images/s from the first shard's start to the last
     one's end (model loading excluded); the datasets of every run are compared row for row (gen_ms aside)."""
@@ -75,21 +75,21 @@ def bench_scale(config: str, overrides: list[str], prompts: int = 64, workers: t
             cfg = base.model_copy(update={
                 "run": base.run.model_copy(update={"name": name, "store": store, "cluster": cluster}),
                 "stages": base.stages.model_copy(update={"workers": n})})
+            steps = (("rollout", "rollouts"), ("judge", "judgements"))[: 2 if judge else 1]
             rec = run_dag(dag, cfg, given={"propose": NodeRecord(stage="propose", outputs={"prompts": ref})},
-                          nodes=["rollout", "judge"])
+                          nodes=[s for s, _ in steps])
             run = {"cluster": cluster, "workers": n if cluster != "local" else 0}
-            for node, ds in (("rollout", "rollouts"), ("judge", "judgements")):
+            for node, ds in steps:
                 d = Dataset(rec.outputs(node)[ds])
                 m = d.manifest()
                 run[f"{node}_wall_s"] = m.timings.get("wall_s")
                 run[f"{node}_images_per_s"] = round(m.rows / m.timings["wall_s"], 2) if m.timings.get("wall_s") else None
                 rows[(name, ds)] = sorted(tuple(sorted((k, str(v)) for k, v in r.items() if k != "gen_ms"))
                                           for r in d.read().to_pylist())
-            run["images_per_s"] = round(m.rows / (run["rollout_wall_s"] + run["judge_wall_s"]), 2)
+            run["images_per_s"] = round(m.rows / sum(run[f"{s}_wall_s"] for s, _ in steps), 2)
             out["runs"].append(run)
         names = sorted({n for n, _ in rows})
-        out["datasets_equal"] = all(rows[(a, ds)] == rows[(names[0], ds)] for a in names
-                                    for ds in ("rollouts", "judgements"))
+        out["datasets_equal"] = all(rows[(a, ds)] == rows[(names[0], ds)] for a, ds in rows)
         first = next(r for r in out["runs"] if r["cluster"] == "dask")
         for r in out["runs"]:
             r["speedup_vs_one_worker"] = round(r["images_per_s"] / first["images_per_s"], 3)

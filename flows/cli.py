@@ -228,12 +228,14 @@ def bench_stages(prompts: int = 300, samples: int = 8) -> None:
 def bench_scale(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Path("configs/cycle/tiny.yaml"),
                 overrides: Overrides = None, prompts: int = 64,
                 workers: Annotated[Optional[list[int]], typer.Option(help="Dask worker counts (repeatable)")] = None,
-                local: Annotated[bool, typer.Option(help="also run in-process, as run.cluster=local")] = True) -> None:
+                local: Annotated[bool, typer.Option(help="also run in-process, as run.cluster=local")] = True,
+                judge: Annotated[bool, typer.Option(help="judge the images too")] = True) -> None:
     """rollout + judge throughput in-process and on Dask workers (1 and N), datasets compared, JSON last line."""
     from flows.bench import bench_scale as run
 
     load_cycle_config(config, overrides)  # a bad recipe stops here, before any cluster starts
-    typer.echo(json.dumps(run(str(config), list(overrides or []), prompts, tuple(workers or [1, 2]), local)))
+    typer.echo(json.dumps(run(str(config), list(overrides or []), prompts, tuple(workers or [1, 2]), local,
+                              judge)))
 
 
 @app.command("pretrain")
