@@ -66,7 +66,9 @@ def bench_scale(config: str, overrides: list[str], prompts: int = 64, workers: t
     try:
         ref = _fixed_prompts(store, [p for _, p in suite_prompts(base.benchmark)][:prompts])
         dag = Dag("scale", (Node("propose", "propose"), Node("rollout", "rollout"), Node("judge", "judge")))
-        modes = ([("local", 1)] if local else []) + [("dask", n) for n in workers]
+        # the Dask runs first: their workers exit with their cluster, so the in-process run after them finds the
+        # accelerator empty (a model left resident here would not leave a worker room for its own copy)
+        modes = [("dask", n) for n in workers] + ([("local", 1)] if local else [])
         out: dict = {"config": config, "prompts": prompts, "samples_per_prompt": base.rollout.samples_per_prompt,
                      "threads_per_worker": base.stages.threads_per_worker, "runs": []}
         rows = {}

@@ -36,13 +36,15 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def call_flow(fn, *args, **kwargs):
-    """A flow, with what is wrong before any work (a DAG, an unreachable scheduler) said in one message."""
-    from flows.cluster import ClusterError
+def call_flow(fn, cfg, *args, runs_stages: bool = True, **kwargs):
+    """A flow, with what is wrong before any work (a DAG, an unreachable scheduler) said in one message. A flow
+    that runs its DAG's stages itself gets the task runner `run.cluster` asks for, so its run shows them."""
+    from flows.cluster import ClusterError, task_runner
     from flows.dags import DagError
 
     try:
-        return fn(*args, **kwargs)
+        runner = task_runner(cfg)  # an unreachable scheduler stops here
+        return (fn.with_options(task_runner=runner) if runs_stages else fn)(cfg, *args, **kwargs)
     except (ClusterError, DagError) as exc:
         fail(str(exc))
 
@@ -135,7 +137,7 @@ def nightly(config: ConfigPath, overrides: Overrides = None,
     cfg = load_cycle_config(config, overrides)
     from flows.cycle import nightly_flow
 
-    results = call_flow(nightly_flow, cfg, cycles)
+    results = call_flow(nightly_flow, cfg, cycles, runs_stages=False)  # each cycle is a flow run of its own
     for summary in results:
         _print_cycle(summary)
     typer.echo(json.dumps([{"cycle": s["cycle"], "promoted": s["promoted"], "parent": s["parent"],

@@ -188,15 +188,40 @@ def run_dag(dag: Dag, cfg: CycleConfig, *, carried: dict[str, DatasetRef] | None
     if unknown:
         raise DagError(f"stages.scale names {unknown}: not sharded stages of DAG {dag.name!r} (those are "
                        f"{', '.join(sorted({n.stage for n in dag.nodes if STAGES[n.stage].STAGE.sharded}))})")
+    args = (dag, cfg, carried, given, nodes, sorted(refresh), replay, variant)
+    if runs_here(cfg):  # the calling flow's task runner is the one asked for: its run shows the stages
+        return execute(*args)
     flow_ = dag_flow.with_options(task_runner=task_runner(cfg),
                                   flow_run_name=f"{dag.name}: {cfg.run.name} cycle {cfg.run.cycle}")
-    return flow_(dag, cfg, carried, given, nodes, sorted(refresh), replay, variant)
+    return flow_(*args)
+
+
+def runs_here(cfg: CycleConfig) -> bool:
+    """Whether the current flow run's task runner is the one `run.cluster` asks for."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        return False
+    if cfg.run.cluster == "local":
+        return isinstance(ctx.task_runner, ThreadPoolTaskRunner)
+    from prefect_dask import DaskTaskRunner
+
+    return isinstance(ctx.task_runner, DaskTaskRunner) and (
+        cfg.run.cluster == "dask" or ctx.task_runner.address == cfg.run.cluster)
 
 
 @flow(name="selfplay-dag", log_prints=True, validate_parameters=False)
-def dag_flow(dag: Dag, cfg: CycleConfig, carried: dict[str, DatasetRef] | None, given: dict[str, NodeRecord] | None,
-             nodes: list[str] | None, refresh: list[str], replay: bool, variant: str) -> RunRecord:
-    """The one runner: the DAG's nodes in order, each recorded as it finishes."""
+def dag_flow(*args) -> RunRecord:
+    """A DAG in a flow run of its own, on the task runner `run.cluster` asks for (a Prefect UI run whose
+    deployment's task runner is another one)."""
+    return execute(*args)
+
+
+def execute(dag: Dag, cfg: CycleConfig, carried: dict[str, DatasetRef] | None, given: dict[str, NodeRecord] | None,
+            nodes: list[str] | None, refresh: list[str], replay: bool, variant: str) -> RunRecord:
+    """The one runner, inside a flow run: the DAG's nodes in order, each recorded as it finishes."""
     placement = prepare_workers(cfg) if cfg.run.cluster != "local" else None
     records = RunRecords(cfg.run.store, cfg.run.name)
     ctxs = Contexts(cfg, replay)
