@@ -114,7 +114,8 @@ def test_killed_posttrain_resumes_from_last_checkpoint(generated, tmp_path):
         time.sleep(0.05)
     proc.wait()
     assert not (out_dir / "final").exists(), "the run finished before it could be killed"
-    done = subprocess.run([sys.executable, "-c", script, arg], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", script, arg], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads(done.stdout.strip().splitlines()[-1])
     assert metrics["resumed_from"] > 0 and metrics["steps"] == 60
     logged = [json.loads(x)["step"] for x in (out_dir / "train_log.jsonl").read_text().splitlines()]
