@@ -49,9 +49,10 @@ class RunConfig(Strict):
 def _model_section(data: Any) -> ModelSection:
     from model import registry
 
-    if isinstance(data, dict) and data.get("backend", "embedded") not in registry.names():
-        raise ValueError(f"model.backend: unknown backend {data['backend']!r} (registered: {', '.join(registry.names())})")
-    cfg = registry.section(data)
+    try:
+        cfg = registry.section(data)
+    except registry.UnknownBackendError as exc:
+        raise ValueError(f"model.backend: {exc}") from None
     validate_name(cfg.registry_line, "model.registry_line")
     return cfg
 

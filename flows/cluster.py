@@ -56,14 +56,9 @@ def task_runner(cfg: CycleConfig):
         check_reachable(cluster)
         return DaskTaskRunner(address=cluster)
     gpus = gpu_count()
-    if gpus:
-        try:
-            import dask_cuda  # noqa: F401
-
-            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                                  cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1}})
-        except ImportError:
-            pass
+    if gpus and _has_dask_cuda():
+        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
+                              cluster_kwargs={"threads_per_worker": 1, "resources": {"GPU": 1}})
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": gpus or cfg.stages.workers, "threads_per_worker": 1, "processes": True,
         "resources": {"GPU": 1} if gpus else {}, "dashboard_address": None})

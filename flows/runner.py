@@ -28,7 +28,7 @@ from flows.cluster import prepare_workers, release_workers, task_runner
 from flows.dags import Dag, DagError, Node
 from storage import Dataset, DatasetRef, NodeRecord, RunRecord, RunRecords, Store, commit_parts
 from tasks import STAGES, models
-from tasks.stage import StageContext, StagePlan, StageSpec, read
+from tasks.stage import StageContext, StagePlan, StageSpec, read_row
 
 
 class DatasetCache(CachePolicy):
@@ -157,10 +157,10 @@ class Contexts:
 
 
 def _publish(node: str, ref: DatasetRef, run: str, cycle: int) -> None:
-    row = read(ref).to_pylist()[0]
+    row = read_row(ref, ("table",))
     key = f"{run}-cycle-{cycle}-{node}".lower().replace("_", "-").replace(".", "-")
     create_markdown_artifact(row["markdown"], key=f"{key}", description=f"{node}: self-play cycle report")
-    create_table_artifact(json.loads(row["table"]), key=f"{key}-metrics", description="parent vs child")
+    create_table_artifact(row["table"], key=f"{key}-metrics", description="parent vs child")
 
 
 def _inputs(dag: Dag, node: Node, outputs: dict[str, dict[str, DatasetRef]],
@@ -184,10 +184,11 @@ def run_dag(dag: Dag, cfg: CycleConfig, *, carried: dict[str, DatasetRef] | None
     asks for; `given` nodes are taken from an earlier record. Checked before any work: the DAG, the stages
     `stages.scale` names, and that a scheduler address answers."""
     dag.check()
-    unknown = sorted(set(cfg.stages.scale) - {n.stage for n in dag.nodes if STAGES[n.stage].STAGE.sharded})
+    sharded = {n.stage for n in dag.nodes if STAGES[n.stage].STAGE.sharded}
+    unknown = sorted(set(cfg.stages.scale) - sharded)
     if unknown:
         raise DagError(f"stages.scale names {unknown}: not sharded stages of DAG {dag.name!r} (those are "
-                       f"{', '.join(sorted({n.stage for n in dag.nodes if STAGES[n.stage].STAGE.sharded}))})")
+                       f"{', '.join(sorted(sharded))})")
     args = (dag, cfg, carried, given, nodes, sorted(refresh), replay, variant)
     if runs_here(cfg):  # the calling flow's task runner is the one asked for: its run shows the stages
         return execute(*args)
@@ -249,7 +250,7 @@ def execute(dag: Dag, cfg: CycleConfig, carried: dict[str, DatasetRef] | None, g
         inputs = _inputs(dag, node, outputs, carried)
         section = node_config(resolved, spec.section, node.overrides)
         ctx = parent if node.model == "parent" else ctxs.for_checkpoint(
-            read(outputs[node.model]["checkpoint"], ["checkpoint_id"]).column(0)[0].as_py())
+            read_row(outputs[node.model]["checkpoint"])["checkpoint_id"])
         if spec.sharded:
             plan = module.plan(inputs, section, ctx)
             outputs[node.id] = {plan.ref.stage: run_sharded(node.id, module, plan, ctx, node.id in refresh,

@@ -82,7 +82,7 @@ def get(name: str) -> Backend:
     if name not in _BACKENDS and name in BUILTIN:
         importlib.import_module(BUILTIN[name])
     if name not in _BACKENDS:
-        raise UnknownBackendError(f"unknown model backend {name!r}: registered backends are {', '.join(names())}")
+        raise UnknownBackendError(f"unknown backend {name!r} (registered: {', '.join(names())})")
     return _BACKENDS[name]
 
 

@@ -69,15 +69,15 @@ class Registry:
         if not os.path.isfile(os.path.join(src_dir, WEIGHTS)):
             raise RegistryError(f"{src_dir}: no {WEIGHTS} (weights must be safetensors)")
         ckpt_id = validate_name(checkpoint_id, "checkpoint id")  # the model's own id of these weights
+        existing = self.meta(ckpt_id)
+        if existing is not None:  # same weights already registered: keep the first lineage, hash nothing again
+            return existing
         meta = CheckpointMeta(
             checkpoint_id=ckpt_id, parent=parent, cycle=cycle, data_fingerprint=data_fingerprint,
             config=config or {}, metrics=metrics or {},
             files={n: _sha256_file(os.path.join(src_dir, n)) for n in names if not n.startswith("_")},
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         dest = self._dir(ckpt_id)
-        existing = self.meta(ckpt_id)
-        if existing is not None:  # same weights already registered: keep the first lineage
-            return existing
         for n in meta.files:
             with open(os.path.join(src_dir, n), "rb") as fh:
                 self.store.atomic_write(f"{dest}/{n}", fh.read())

@@ -15,13 +15,14 @@ import pyarrow as pa
 
 from configs.schema import BenchmarkConfig, GateConfig
 from storage import DatasetRef, Registry
-from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read, read_row
 from tasks.stats import headline, paired_delta, per_prompt
 
 # the judge on the parent's images (a child's own images differ from its parent's: this holds them fixed)
 JUDGE_FIXED = "judge_agreement_on_parent_images"
 GATE = pa.schema([("parent", pa.string()), ("child", pa.string()), ("passed", pa.bool_()), ("reason", pa.string()),
                   ("parent_metrics", pa.string()), ("child_metrics", pa.string()), ("deltas", pa.string())])
+JSON_COLUMNS = ("parent_metrics", "child_metrics", "deltas")
 STAGE = StageSpec(name="gate", code_version="1", section=("gate", "benchmark"),
                   inputs=("parent_items", "child_items", "parent_benchmark", "child_benchmark", "judge_on_images",
                           "checkpoint"),
@@ -57,7 +58,7 @@ def _decision(inputs: dict[str, DatasetRef], cfg: dict) -> dict:
     child_m[JUDGE_FIXED] = round(float(per_prompt(judged, b.threshold)["judge_oracle_agreement"].mean()), 4)
     passed, why, deltas = decide(parent_items, child_items, g, b)
     deltas["judge"] = paired_delta(parent_items, judged, "judge_oracle_agreement", b)
-    child = read(inputs["checkpoint"], ["checkpoint_id"]).column(0)[0].as_py()
+    child = read_row(inputs["checkpoint"])["checkpoint_id"]
     return {"parent": parent_items[0]["checkpoint_id"], "child": child, "passed": passed, "reason": why,
             "parent_metrics": json.dumps(parent_m), "child_metrics": json.dumps(child_m), "deltas": json.dumps(deltas)}
 
@@ -79,5 +80,4 @@ def run(inputs: dict[str, DatasetRef], cfg: dict, ctx: StageContext, refresh: bo
 
 def decision_of(ref: DatasetRef) -> dict:
     """The gate's row with its JSON columns decoded."""
-    row = read(ref).to_pylist()[0]
-    return {**row, **{k: json.loads(row[k]) for k in ("parent_metrics", "child_metrics", "deltas")}}
+    return read_row(ref, JSON_COLUMNS)

@@ -15,8 +15,7 @@ from model import registry
 from model.ids import checkpoint_id_of_file
 from model.registry import ModelSection
 from storage import Registry, RegistryError, Store
-
-WEIGHTS = "model.safetensors"
+from storage.checkpoints import WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ def resolve(cfg: ModelSection, store: str, cycle: int = 0) -> Checkpoint:
                             f"checkpoint id in registry {reg.root}")
     if reg.promoted() is None:  # a line's first checkpoint is its promoted one until a child passes the gate
         reg.promote(ckpt_id)
-    return Checkpoint(ckpt_id, reg.local_dir(ckpt_id))
+    return local_copy(store, cfg.registry_line, ckpt_id)
 
 
 def load(cfg: ModelSection, ckpt: Checkpoint) -> Any:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from configs.schema import PosttrainConfig
 from storage import DatasetRef, Store
 from tasks import models
-from tasks.stage import StageContext, StageSpec, build_plan, make_plan
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read_row
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = pa.schema([("checkpoint_id", pa.string()), ("parent", pa.string()), ("dir", pa.string()),
@@ -140,7 +140,4 @@ def plan_of(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageConte
 
 def child_of(ref: DatasetRef) -> dict:
     """The `checkpoint` row of a posttrain output: id, parent, directory and the trainer's metrics."""
-    from tasks.stage import read
-
-    row = read(ref).to_pylist()[0]
-    return {**row, "metrics": json.loads(row["metrics"])}
+    return read_row(ref, ("metrics",))

@@ -22,7 +22,7 @@ import json  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from storage import Dataset, DatasetRef, Registry, Store, from_png  # noqa: E402
-from tasks.stage import StageContext, StageSpec, build_plan, make_plan, part_stats, read  # noqa: E402
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan, part_stats, read, read_row  # noqa: E402
 
 # the judge on the parent's images (the gate's name for it)
 JUDGE_FIXED = "judge_agreement_on_parent_images"
@@ -135,8 +135,8 @@ PLOTS = {"per_category.png": "per-category generation accuracy", "history.png": 
 
 def summary(inputs: dict[str, DatasetRef], ctx: StageContext) -> dict:
     """The cycle in one JSON object: what the CLI prints and the flows return."""
-    gate = _row(inputs["gate"])
-    trained = _row(inputs["checkpoint"])
+    gate = read_row(inputs["gate"], ("parent_metrics", "child_metrics", "deltas"))
+    trained = read_row(inputs["checkpoint"], ("metrics",))
     return {"parent": {"checkpoint_id": gate["parent"], **gate["parent_metrics"]},
             "child": {"checkpoint_id": gate["child"], **gate["child_metrics"]},
             "promoted": gate["passed"], "reason": gate["reason"], "run": ctx.run, "cycle": ctx.cycle,
@@ -144,12 +144,6 @@ def summary(inputs: dict[str, DatasetRef], ctx: StageContext) -> dict:
             "posttrain": {k: trained["metrics"].get(k) for k in ("train_s", "tokens_per_s", "heldout_before",
                                                                  "heldout_after", "world_size", "train_examples")},
             "generation": {"propose": part_stats(inputs["prompts"]), "judge": part_stats(inputs["judgements"])}}
-
-
-def _row(ref: DatasetRef) -> dict:
-    row = read(ref).to_pylist()[0]
-    return {k: json.loads(v) if k in ("parent_metrics", "child_metrics", "deltas", "metrics", "summary") else v
-            for k, v in row.items()}
 
 
 def _inline(md: str, pngs: dict[str, bytes]) -> str:
@@ -183,4 +177,4 @@ def run(inputs: dict[str, DatasetRef], cfg: None, ctx: StageContext, refresh: bo
 
 
 def summary_of(ref: DatasetRef) -> dict:
-    return _row(ref)["summary"]
+    return read_row(ref, ("summary",))["summary"]

@@ -12,6 +12,7 @@ Prefect and resumes under it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,12 @@ def read(ref: DatasetRef, columns: list[str] | None = None) -> pa.Table:
     return Dataset(ref).read(columns)
 
 
+def read_row(ref: DatasetRef, json_columns: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The row of a one-row dataset (a checkpoint, a gate decision, a report), its JSON columns decoded."""
+    row = read(ref).to_pylist()[0]
+    return {k: json.loads(v) if k in json_columns else v for k, v in row.items()}
+
+
 def stable_seed(*parts: Any) -> int:
     """A 31-bit seed from any values: the same inputs give the same seed in every process."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
@@ -145,8 +152,6 @@ def prompt_id(text: str) -> str:
 
 def part_stats(ref: DatasetRef) -> dict[str, float]:
     """The per-part counters a stage left in its Parquet metadata (`stats`), summed."""
-    import json
-
     import pyarrow.parquet as pq
 
     from storage import Store

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-import pytest
 from typer.testing import CliRunner
 
 from configs.schema import CycleConfig
