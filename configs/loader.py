@@ -6,13 +6,28 @@ Every error is one `ConfigError` whose message names the file, the key path and 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; recipes mean a float, and strict configs take no strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
 
 
 class ConfigError(ValueError):
@@ -20,9 +35,16 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors, assignments are validated."""
+    """Base of every config model: unknown keys are errors, assignments are validated, and types are strict: a
+    boolean or a string is not a number, a float is not an integer, and inf / NaN are no float's value."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True,
+                              allow_inf_nan=False)
+
+
+# a pair read from YAML or JSON arrives as a list: the tuple is lax about its container, strict about its items
+IntPair = Annotated[tuple[StrictInt, StrictInt], Field(strict=False)]
+FloatPair = Annotated[tuple[StrictFloat, StrictFloat], Field(strict=False)]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -34,7 +56,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(p.isidentifier() for p in path):
         raise ConfigError(f"override {item!r}: {key!r} is not a dotted key path")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
     return path, value
@@ -53,8 +75,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
     return data
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
+
+
+def _where(err: dict[str, Any]) -> str:
+    """The key path, without the member tags pydantic adds inside a union (`nproc.int`, `nproc.literal[...]`)."""
+    parts = [str(p) for p in err["loc"]]
+    while parts and (parts[-1] in _UNION_TAGS or "[" in parts[-1]):
+        parts.pop()
+    return ".".join(parts)
+
+
 def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    loc = _where(err) or "<root>"
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if err["type"] == "value_error":  # our validators' own messages, without pydantic's prefix
@@ -64,12 +97,20 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{loc}: {err['msg'].lower()}{shown}"
 
 
+def _merge(errors: list[dict[str, Any]]) -> list[str]:
+    """One message per key: a union's members' complaints joined with 'or'."""
+    by_key: dict[str, list[str]] = {}
+    for e in errors:
+        key = _where(e)
+        by_key.setdefault(key, []).append(_describe(e).removeprefix(f"{key}: "))
+    return [f"{k}: {' or '.join(v)}" if k else " or ".join(v) for k, v in by_key.items()]
+
+
 def validate(model: type[T], data: dict[str, Any], source: str) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        lines = "; ".join(_describe(e) for e in errors)
+        lines = "; ".join(_merge(exc.errors()))
         raise ConfigError(f"{source}: invalid config: {lines}") from None
 
 
@@ -82,7 +123,7 @@ def load_config(path: str | Path | None, model: type[T], overrides: list[str] | 
         if not p.is_file():
             raise ConfigError(f"{source}: no such config file")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = load_yaml(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
         if loaded is None:

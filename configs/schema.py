@@ -9,9 +9,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from configs.loader import Strict
+from configs.loader import FloatPair, IntPair, Strict
 from model.registry import ModelSection
 from storage.names import validate_name
 
@@ -19,9 +20,30 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def resolve_path(path: str) -> Path:
-    """A recipe's relative path: from the working directory if it exists there, else from the project root."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else PROJECT_ROOT / p
+    """A recipe's relative path: from the working directory if it exists there, else from the project root;
+    absolute either way, so every process (a posttrain worker runs elsewhere) means the same file."""
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() or p.exists() else PROJECT_ROOT / p).resolve()
+
+
+def read_seed_file(path: str | Path) -> dict[str, list[str]]:
+    """category -> seed prompts, from a YAML mapping of non-empty lists."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no such seed file: {path}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"seed file {path} is not readable YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, list) and v for v in data.values()):
+        raise ValueError(f"seed file {path}: expected a mapping of category -> non-empty list of seed prompts")
+    return {str(k): [str(p) for p in v] for k, v in data.items()}
+
+
+def resolve_store(url: str) -> str:
+    """A local store as an absolute path, resolved once in the launching process; any other fsspec URL as is."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    return str(Path(url.removeprefix("file://")).expanduser().resolve())
 
 
 class RunConfig(Strict):
@@ -37,6 +59,13 @@ class RunConfig(Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         return validate_name(v, "run name")
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the store is empty: give a folder or an fsspec URL")
+        return resolve_store(v)
 
     @field_validator("cluster")
     @classmethod
@@ -64,12 +93,20 @@ ModelConfig = Annotated[SerializeAsAny[ModelSection], BeforeValidator(_model_sec
 
 class ProposeConfig(Strict):
     num_prompts: int = Field(64, ge=1, le=1_000_000)
-    seed_file: str = Field("configs/seeds/shapeworld.yaml", description="category -> seed prompts (YAML)")
+    seed_file: str = Field("configs/seeds/shapeworld.yaml", validate_default=True,
+                           description="category -> seed prompts (YAML)")
     category_shares: dict[str, float] = Field(default_factory=dict)
-    examples_per_call: tuple[int, int] = (1, 3)
+    examples_per_call: IntPair = (1, 3)
     temperature: float = Field(0.8, gt=0, le=2.0)
     discard_pool_share: float = Field(0.25, ge=0, le=1, description="max share of prompts taken from the pool")
     max_attempts_factor: int = Field(4, ge=1, le=50, description="proposal calls per wanted prompt, at most")
+
+    @field_validator("seed_file")
+    @classmethod
+    def _seed_file(cls, v: str) -> str:
+        path = resolve_path(v)
+        read_seed_file(path)
+        return str(path)
 
     @field_validator("category_shares")
     @classmethod
@@ -79,6 +116,15 @@ class ProposeConfig(Strict):
         if v and sum(v.values()) <= 0:
             raise ValueError("category shares must not all be 0")
         return v
+
+    @model_validator(mode="after")
+    def _categories(self) -> "ProposeConfig":
+        known = read_seed_file(self.seed_file)
+        unknown = sorted(set(self.category_shares) - set(known))
+        if unknown:
+            raise ValueError(f"category_shares names {unknown}, which the seed file {self.seed_file} has no seed "
+                             f"prompts for (its categories: {', '.join(known)})")
+        return self
 
 
 class RolloutConfig(Strict):
@@ -99,6 +145,15 @@ class RolloutConfig(Strict):
 
 class JudgeConfig(Strict):
     judge: str = Field("self", description="'self' (the model's own judge) or 'oracle' (measuring only)")
+
+    @field_validator("judge")
+    @classmethod
+    def _judge(cls, v: str) -> str:
+        from model.judges import JUDGES
+
+        if v not in JUDGES:
+            raise ValueError(f"unknown judge {v!r}: expected one of {', '.join(JUDGES)}")
+        return v
     rubric: dict = Field(default_factory=dict, description="overrides of the world's default rubric")
     batch_size: int = Field(256, ge=1)
 
@@ -141,7 +196,7 @@ class PosttrainConfig(Strict):
     min_lr: float = Field(1e-5, ge=0)
     warmup_steps: int = Field(20, ge=0)
     schedule: Literal["constant", "cosine"] = "cosine"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: FloatPair = (0.9, 0.95)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     cfg_dropout: float = Field(0.1, ge=0, lt=1, description="share of image targets trained without their prompt, "
@@ -171,10 +226,16 @@ class PosttrainConfig(Strict):
     timeout_s: int = Field(3600, ge=10)
 
 
+# the largest benchmark suite: propose holds out all of it, whatever a run's own size (tasks/suite.py)
+SUITE_MAX_PER_CATEGORY = 100
+
+
 class BenchmarkConfig(Strict):
     """The held-out suite: prompts per category x samples, fixed seeds (paired parent/child comparison)."""
 
-    prompts_per_category: int = Field(100, ge=1)
+    prompts_per_category: int = Field(100, ge=1, le=SUITE_MAX_PER_CATEGORY, description="at most "
+                                      f"{SUITE_MAX_PER_CATEGORY}: every larger suite's prompts would be held out "
+                                      "from training too")
     samples: int = Field(8, ge=1, le=64)
     cfg_scale: float = Field(3.0, ge=0)
     sampling: dict = Field(default_factory=dict, description="the backend's sampling parameters, as rollout's")
@@ -183,13 +244,18 @@ class BenchmarkConfig(Strict):
     bootstrap: int = Field(1000, ge=100)
 
 
+# what the benchmark measures per prompt, so parent and child compare pairwise (tasks/stats.py per_prompt)
+PairedMetric = Literal["gen_acc_oracle", "best_of_n_self", "pass_at_n_oracle", "non_unification",
+                       "judge_oracle_agreement", "unicycle_soft", "unicycle_hard", "und_acc_gt", "und_acc_perturbed"]
+
+
 class GateConfig(Strict):
     """Promotion: the child replaces the parent only if generation improves and understanding holds."""
 
-    metric: str = "gen_acc_oracle"
+    metric: PairedMetric = "gen_acc_oracle"
     min_gain: float = Field(0.0, description="child - parent must exceed this")
     require_significant: bool = Field(False, description="also require the paired 95 % interval above 0")
-    understanding_metric: str = "und_acc_gt"
+    understanding_metric: PairedMetric = "und_acc_gt"
     max_understanding_drop: float = Field(0.01, ge=0)
     promote: bool = Field(True, description="move the promoted pointer to a child that passes (false: decide "
                           "and record only)")

@@ -28,12 +28,18 @@ def _ci95(delta: dict) -> list[float]:
     return [round(delta["ci_low"], 4), round(delta["ci_high"], 4)]
 
 
-@flow(name="selfplay-ablate-cpr", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def ablate_cpr_flow(config: CycleConfig, cpr_mixture: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
-    """`cpr_mixture` replaces UniCorn's 5:5:3:1 in the cpr arm (e.g. without reflection)."""
+def arms_with(cpr_mixture: dict[str, float] | None) -> dict[str, dict]:
+    """The ablation's arms, the cpr arm with `cpr_mixture` (if given) instead of UniCorn's."""
     arms = {k: dict(v) for k, v in ARMS.items()}
     if cpr_mixture is not None:
         arms["cpr"]["reconstruct"] = {"mixture": cpr_mixture}
+    return arms
+
+
+@flow(name="selfplay-ablate-cpr", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def ablate_cpr_flow(config: CycleConfig, cpr_mixture: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """`cpr_mixture` replaces UniCorn's 5:5:3:1 in the cpr arm (e.g. without reflection)."""
+    arms = arms_with(cpr_mixture)
     record = run_dag(ablation(arms), config)
     out: dict[str, dict[str, Any]] = {}
     for name, arm in arms.items():

@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 # fresh SQLite databases log 'database is locked' with the server's analytics on
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # OpenMP spin-waiting collapses torch's 2-thread decoding whenever another process is busy (set before torch loads)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+class _Commands(TyperGroup):
+    """The root command group: an expected failure anywhere below it is one line and exit 2 (its traceback
+    with --debug); anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except expected_errors() as exc:
+            if _OPTIONS["debug"]:
+                raise
+            fail(str(exc))
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Self-play post-training for unified multimodal models.",
     no_args_is_help=True,
     add_completion=False,
@@ -22,7 +39,7 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks that print JSON as their last line.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect and validate configs.", no_args_is_help=True)
-ckpt_app = typer.Typer(help="The checkpoint registry: list and promote.", no_args_is_help=True)
+ckpt_app = typer.Typer(help="The checkpoint registry: list, verify and promote.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="checkpoints")
@@ -31,32 +48,105 @@ ConfigPath = Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/cycl
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")]
 
 
+_OPTIONS = {"debug": False}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="show a traceback for expected errors too")]
+             = False) -> None:
+    _OPTIONS["debug"] = debug
+
+
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(2)
 
 
-def call_flow(fn, cfg, *args, runs_stages: bool = True, **kwargs):
-    """A flow, with what is wrong before any work (a DAG, an unreachable scheduler) said in one message. A flow
-    that runs its DAG's stages itself gets the task runner `run.cluster` asks for, so its run shows them."""
-    from flows.cluster import ClusterError, task_runner
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input or store can cause (one line, exit 2), as opposed to a bug (a traceback)."""
+    from configs.loader import ConfigError
+    from flows.cluster import ClusterError
     from flows.dags import DagError
+    from flows.preflight import PreflightError
+    from model.registry import UnknownBackendError
+    from storage import CorruptPartError, InvalidNameError, RegistryError, RunRecordError
 
+    return (ConfigError, PreflightError, DagError, ClusterError, RegistryError, RunRecordError, InvalidNameError,
+            UnknownBackendError, CorruptPartError)
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: not a KeyboardInterrupt, which the command line would answer with 'Aborted!'."""
+
+
+def _interrupted(signum, frame) -> None:
+    _silence()
+    raise Interrupted
+
+
+def _silence() -> None:
+    """After an interrupt: what is left to say is ours (the flow's crash report and the API client's connection
+    errors while the local server stops would bury it)."""
+    import logging
+
+    if logging.root.manager.disable >= logging.CRITICAL:
+        return  # silenced already (a second signal)
+    logging.disable(logging.CRITICAL)
+    err = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    sys.stderr = os.fdopen(err, "w")
+
+
+def _silence_on_termination() -> None:
+    """A flow run takes SIGTERM over (Prefect's engine reports the crash, then signals again): the first record
+    that reports it silences the rest, that record included."""
+    import logging
+
+    make = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = make(*args, **kwargs)
+        if "aborted by a termination signal" in str(record.msg):
+            _silence()
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def main() -> None:
+    """`selfplay`: Ctrl-C or SIGTERM stops with one line and exit 130, everything already committed kept for the
+    rerun to resume from."""
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
+    _silence_on_termination()
     try:
-        runner = task_runner(cfg)  # an unreachable scheduler stops here
-        return (fn.with_options(task_runner=runner) if runs_stages else fn)(cfg, *args, **kwargs)
-    except (ClusterError, DagError) as exc:
-        fail(str(exc))
+        app()
+    except (Interrupted, KeyboardInterrupt):
+        _silence()
+        typer.secho("interrupted: stopped; rerun the same command to resume (committed shards and trainer "
+                    "checkpoints are kept)", fg="yellow", err=True)
+        sys.stderr.flush()
+        sys.exit(130)
 
 
-def load_cycle_config(path: Path, overrides: list[str] | None):
-    from configs.loader import ConfigError, load_config
+def call_flow(fn, cfg, *args, dag=None, refresh=(), runs_stages: bool = True, **kwargs):
+    """A flow, after its preflight (flows/preflight.py: the DAG it runs, the checkpoint, the refresh list) and
+    a check that the scheduler answers, so what is wrong is said before any work. A flow that runs its DAG's
+    stages itself gets the task runner `run.cluster` asks for, so its run shows them."""
+    from flows.cluster import task_runner
+    from flows.preflight import preflight
+
+    if dag is not None:
+        preflight(dag, cfg, refresh)
+    runner = task_runner(cfg)  # an unreachable scheduler stops here
+    return (fn.with_options(task_runner=runner) if runs_stages else fn)(cfg, *args, **kwargs)
+
+
+def load_cycle_config(path: Path | None, overrides: list[str] | None):
+    from configs.loader import load_config
     from configs.schema import CycleConfig
 
-    try:
-        return load_config(path, CycleConfig, overrides or [])
-    except ConfigError as exc:
-        fail(str(exc))
+    return load_config(path, CycleConfig, overrides or [])
 
 
 @config_app.command("show")
@@ -68,17 +158,44 @@ def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-@ckpt_app.command("list")
-def checkpoints_list(store: str = "./runs", line: str = "default") -> None:
-    """List registered checkpoints with their parent, cycle and metrics (JSON lines)."""
+def _line_registry(store: str, line: str):
+    """The line's registry, or one error line when there is none there."""
     from storage import Registry
 
-    reg = Registry(store, line)
-    promoted = reg.promoted()
-    for m in reg.list():
-        row = m.model_dump(include={"checkpoint_id", "parent", "cycle", "data_fingerprint", "metrics"})
-        row["promoted"] = promoted is not None and promoted.checkpoint_id == m.checkpoint_id
+    try:
+        reg = Registry(store, line)
+    except ValueError as exc:
+        fail(str(exc))
+    if not reg.store.exists(reg.root):
+        fail(f"no checkpoint registry at {reg.root} (store {store!r}, line {line!r})")
+    return reg
+
+
+def _promoted_id(reg) -> tuple[str | None, str | None]:
+    """(the promoted id, what is wrong with the pointer)."""
+    from storage import RegistryError
+
+    try:
+        return reg.promoted_id(), None
+    except RegistryError as exc:
+        return None, str(exc)
+
+
+@ckpt_app.command("list")
+def checkpoints_list(store: str = "./runs", line: str = "default") -> None:
+    """List the line's checkpoints with their parent, cycle, metrics and damage (JSON lines)."""
+    reg = _line_registry(store, line)
+    promoted, bad_pointer = _promoted_id(reg)
+    rows = [m.model_dump(include={"checkpoint_id", "parent", "cycle", "data_fingerprint", "metrics"})
+            for m in reg.list()]
+    listed = {r["checkpoint_id"] for r in rows}
+    rows += [{"checkpoint_id": c} for c in reg.ids() if c not in listed]  # its meta unreadable: verify says so
+    for row in rows:
+        problems = reg.verify(row["checkpoint_id"])
+        row.update(promoted=row["checkpoint_id"] == promoted, intact=not problems, problems=problems)
         typer.echo(json.dumps(row))
+    if bad_pointer:
+        fail(bad_pointer)
 
 
 @ckpt_app.command("promote")
@@ -91,6 +208,32 @@ def checkpoints_promote(checkpoint_id: str, store: str = "./runs", line: str = "
     except (RegistryError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"promoted {checkpoint_id}")
+
+
+@ckpt_app.command("verify")
+def checkpoints_verify(
+    checkpoint_id: Annotated[Optional[str], typer.Argument(help="one checkpoint; default: the whole line")] = None,
+    store: str = "./runs", line: str = "default",
+) -> None:
+    """Check checkpoints' files and the promoted pointer (JSON lines, a summary last); exit 1 on damage, as fsck."""
+    reg = _line_registry(store, line)
+    ids = reg.ids()
+    if checkpoint_id is not None:
+        if checkpoint_id not in ids:
+            fail(f"no checkpoint {checkpoint_id!r} in registry {reg.root}")
+        ids = [checkpoint_id]
+    damaged = []
+    for ckpt in ids:
+        problems = reg.verify(ckpt)
+        damaged += [ckpt] if problems else []
+        typer.echo(json.dumps({"checkpoint_id": ckpt, "intact": not problems, "problems": problems}))
+    promoted, bad_pointer = _promoted_id(reg)
+    promoted_ok = bad_pointer is None and (
+        promoted is None or (promoted not in damaged if promoted in ids else not reg.verify(promoted)))
+    summary = {"checked": len(ids), "damaged": damaged, "promoted": promoted, "promoted_ok": promoted_ok}
+    typer.echo(json.dumps(summary | ({"promoted_problem": bad_pointer} if bad_pointer else {})))
+    if damaged or not promoted_ok:
+        raise typer.Exit(1)
 
 
 def _print_cycle(summary: dict) -> None:
@@ -121,7 +264,9 @@ def run(config: ConfigPath, overrides: Overrides = None) -> None:
     cfg = load_cycle_config(config, overrides)
     from flows.cycle import cycle_flow
 
-    summary = call_flow(cycle_flow, cfg)
+    from flows.dags import CYCLE
+
+    summary = call_flow(cycle_flow, cfg, dag=CYCLE)
     _print_cycle(summary)
     keep = ("gen_acc_oracle", "und_acc_gt", "non_unification", "unicycle_soft", "unicycle_hard",
             "judge_oracle_agreement", "judge_agreement_on_parent_images", "best_of_n_self", "checkpoint_id")
@@ -137,7 +282,9 @@ def nightly(config: ConfigPath, overrides: Overrides = None,
     cfg = load_cycle_config(config, overrides)
     from flows.cycle import nightly_flow
 
-    results = call_flow(nightly_flow, cfg, cycles, runs_stages=False)  # each cycle is a flow run of its own
+    from flows.dags import CYCLE
+
+    results = call_flow(nightly_flow, cfg, cycles, dag=CYCLE, runs_stages=False)  # each cycle is a flow run of its own
     for summary in results:
         _print_cycle(summary)
     typer.echo(json.dumps([{"cycle": s["cycle"], "promoted": s["promoted"], "parent": s["parent"],
@@ -159,7 +306,8 @@ def ablate_cpr(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Pa
     from pydantic import ValidationError
 
     from configs.schema import ReconstructConfig
-    from flows.ablate import FULL_MIXTURE, ablate_cpr_flow
+    from flows.ablate import FULL_MIXTURE, ablate_cpr_flow, arms_with
+    from flows.dags import ablation
 
     mixture = dict(FULL_MIXTURE)
     for item in cpr_mixture or []:
@@ -174,7 +322,7 @@ def ablate_cpr(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Pa
         ReconstructConfig(mixture=mixture)
     except ValidationError as exc:
         fail(f"--cpr-mixture: {exc.errors()[0]['msg']} (got {mixture})")
-    typer.echo(json.dumps(call_flow(ablate_cpr_flow, cfg, mixture)))
+    typer.echo(json.dumps(call_flow(ablate_cpr_flow, cfg, mixture, dag=ablation(arms_with(mixture)))))
 
 
 @app.command("generate")
@@ -185,7 +333,9 @@ def generate(config: ConfigPath, overrides: Overrides = None,
     cfg = load_cycle_config(config, overrides)
     from flows.cycle import generate_flow
 
-    summary = call_flow(generate_flow, cfg, refresh=refresh or [])
+    from flows.dags import GENERATE
+
+    summary = call_flow(generate_flow, cfg, dag=GENERATE, refresh=refresh or [])
     typer.echo(json.dumps(summary))
 
 
@@ -198,16 +348,10 @@ def stage(name: Annotated[str, typer.Argument(help="a stage (propose, rollout, j
           only: Annotated[bool, typer.Option(help="rerun only this stage, not the stages that depend on it")] = False,
           refresh: Annotated[bool, typer.Option(help="recompute even if cached")] = False) -> None:
     """Rerun one stage of a recorded cycle with its recorded inputs and checkpoint (and what depends on it)."""
-    from configs.loader import ConfigError
-    from flows.cycle import stage_flow
-    from flows.dags import DagError
-    from storage import RunRecordError, validate_name
+    from flows.cycle import plan_rerun, stage_flow
 
-    try:
-        validate_name(run, "run name")
-        typer.echo(json.dumps(stage_flow(name, run, cycle, overrides or [], store, only, refresh)))
-    except (ConfigError, RunRecordError, DagError, ValueError) as exc:
-        fail(str(exc))
+    plan_rerun(name, run, cycle, overrides or [], store, only, refresh)  # what is wrong, before the flow starts
+    typer.echo(json.dumps(stage_flow(name, run, cycle, overrides or [], store, only, refresh)))
 
 
 @bench_app.command("storage")
@@ -297,4 +441,4 @@ def bench_rollout(
 
 
 if __name__ == "__main__":
-    app()
+    main()

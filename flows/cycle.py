@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.loader import apply_overrides, validate
-from configs.schema import CycleConfig
+from configs.schema import CycleConfig, resolve_store
 from flows.dags import CYCLE, GENERATE, Dag, DagError
+from flows.preflight import preflight
 from flows.runner import run_dag
-from storage import RunRecord, RunRecords
+from storage import RunRecord, RunRecords, validate_name
 from tasks.report import summary_of
 from tasks.stage import part_stats
 
@@ -54,14 +56,36 @@ def nightly_flow(config: CycleConfig, cycles: int = 3) -> list[dict[str, Any]]:
     return results
 
 
-def replay_plan(record: RunRecord, stage: str, only: bool) -> tuple[Dag, list[str]]:
-    """The recorded DAG and the nodes a rerun of `stage` (a stage name or a node id) executes."""
+@dataclass(frozen=True)
+class Rerun:
+    """What a one-stage rerun of a recorded cycle executes, resolved and checked before any flow starts."""
+
+    record: RunRecord
+    dag: Dag
+    nodes: list[str]
+    cfg: CycleConfig
+    variant: str
+    refresh: frozenset[str]
+
+
+def plan_rerun(stage: str, run: str, cycle: int | None = None, overrides: list[str] | None = None,
+               store: str = "./runs", only: bool = False, refresh: bool = False) -> Rerun:
+    """The recorded DAG, the nodes a rerun of `stage` (a stage name or a node id) executes, and the recorded
+    config with the overrides, through the same preflight as a run."""
+    record = RunRecords(resolve_store(store), validate_name(run, "run name")).load(cycle)
     dag = Dag.from_dict(record.dag)
     targets = {n.id for n in dag.nodes if stage in (n.stage, n.id)}
     if not targets:
         raise DagError(f"stage {stage!r} is not in run {record.run!r} cycle {record.cycle} (its stages: "
                        f"{', '.join(dict.fromkeys(n.stage for n in dag.nodes))})")
-    return dag, [n for n in dag.downstream(targets) if n in targets or not only]
+    nodes = [n for n in dag.downstream(targets) if n in targets or not only]
+    cfg = validate(CycleConfig, apply_overrides(json.loads(json.dumps(record.config)), overrides or [],
+                                                f"run {run}"), f"run {run} cycle {record.cycle} (recorded config)")
+    key = json.dumps([stage, only, refresh, overrides or []])
+    variant = f"rerun-{hashlib.sha256(key.encode()).hexdigest()[:10]}" if overrides or refresh else ""
+    fresh = frozenset(nodes[:1]) if refresh else frozenset()
+    preflight(dag, cfg, fresh, nodes)
+    return Rerun(record, dag, nodes, cfg, variant, fresh)
 
 
 @flow(name="selfplay-stage", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -69,19 +93,15 @@ def stage_flow(stage: str, run: str, cycle: int | None = None, overrides: list[s
                store: str = "./runs", only: bool = False, refresh: bool = False) -> dict[str, Any]:
     """Rerun one stage of a recorded cycle with its recorded inputs and checkpoint, and (unless `only`) what
     depends on it. With no override and no refresh, every dataset is the recorded one (a cache hit)."""
-    record = RunRecords(store, run).load(cycle)
-    dag, nodes = replay_plan(record, stage, only)
-    cfg = validate(CycleConfig, apply_overrides(json.loads(json.dumps(record.config)), overrides or [],
-                                                f"run {run}"), f"run {run} cycle {record.cycle} (recorded config)")
-    key = json.dumps([stage, only, refresh, overrides or []])
-    variant = f"rerun-{hashlib.sha256(key.encode()).hexdigest()[:10]}" if overrides or refresh else ""
-    given = {k: v for k, v in record.nodes.items() if k not in nodes}
-    out = run_dag(dag, cfg, carried=record.carried, given=given, nodes=nodes, replay=True, variant=variant,
-                  refresh=frozenset(nodes[:1]) if refresh else frozenset())
-    return {"run": run, "cycle": record.cycle, "record": RunRecords(store, run).path(record.cycle, variant)
-            if variant else None,
+    r = plan_rerun(stage, run, cycle, overrides, store, only, refresh)
+    given = {k: v for k, v in r.record.nodes.items() if k not in r.nodes}
+    out = run_dag(r.dag, r.cfg, carried=r.record.carried, given=given, nodes=r.nodes, replay=True,
+                  variant=r.variant, refresh=r.refresh)
+    records = RunRecords(r.cfg.run.store, run)
+    return {"run": run, "cycle": r.record.cycle, "record": records.path(r.record.cycle, r.variant)
+            if r.variant else None,
             "nodes": {n: {"stage": out.nodes[n].stage, "checkpoint_id": out.nodes[n].checkpoint_id,
                           "outputs": {k: v.path for k, v in out.nodes[n].outputs.items()},
-                          "recorded": {k: v.path for k, v in record.nodes[n].outputs.items()}
-                          if n in record.nodes else None}
-                      for n in nodes if n in out.nodes}}
+                          "recorded": {k: v.path for k, v in r.record.nodes[n].outputs.items()}
+                          if n in r.record.nodes else None}
+                      for n in r.nodes if n in out.nodes}}

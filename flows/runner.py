@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from configs.schema import CycleConfig
 from flows.cluster import prepare_workers, release_workers, task_runner
 from flows.dags import Dag, DagError, Node
+from flows.preflight import node_config, preflight
 from storage import Dataset, DatasetRef, NodeRecord, RunRecord, RunRecords, Store, commit_parts
 from tasks import STAGES, models
 from tasks.stage import StageContext, StagePlan, StageSpec, read_row
@@ -96,8 +97,10 @@ def run_sharded(node: str, module: Any, plan: StagePlan, ctx: StageContext, refr
                        "compute_s": round(sum(r["t1"] - r["t0"] for r in ran), 4), "workers": len(workers)}
             if placement is not None:
                 ctx.log(f"[{node}] {len(missing)} shards on {len(workers)} worker(s): {', '.join(workers)}")
-    out = commit_task.with_options(refresh_cache=fresh)(node, plan, timings if fresh and missing else None)
-    return DatasetRef.model_validate(out)
+    commit_task.with_options(refresh_cache=fresh)(node, plan, timings if fresh and missing else None)
+    # the plan's own ref, never the cache's answer: a cache hit happens only over an intact dataset at this ref,
+    # and a run's refs must not point into another store or run whatever a cache holds
+    return plan.ref
 
 
 def worker_name() -> str:
@@ -123,17 +126,6 @@ def where(spec: StageSpec, placement: dict | None, cfg: CycleConfig):
     if placement["gpu"] and spec.model:
         annotations["resources"] = {"GPU": 1}
     return dask.annotate(**annotations)
-
-
-def node_config(cfg: CycleConfig, section: str | tuple[str, ...] | None, overrides: dict[str, dict]) -> Any:
-    """The stage's config section(s), with the node's overrides applied and validated."""
-    def one(name: str):
-        sec = getattr(cfg, name)
-        return type(sec).model_validate({**sec.model_dump(), **overrides.get(name, {})})
-
-    if section is None:
-        return None
-    return one(section) if isinstance(section, str) else {s: one(s) for s in section}
 
 
 class Contexts:
@@ -181,14 +173,9 @@ def run_dag(dag: Dag, cfg: CycleConfig, *, carried: dict[str, DatasetRef] | None
             given: dict[str, NodeRecord] | None = None, nodes: list[str] | None = None,
             refresh: frozenset[str] = frozenset(), replay: bool = False, variant: str = "") -> RunRecord:
     """Execute `nodes` of the DAG (default: all) in order, as a Prefect flow run on the task runner `run.cluster`
-    asks for; `given` nodes are taken from an earlier record. Checked before any work: the DAG, the stages
-    `stages.scale` names, and that a scheduler address answers."""
-    dag.check()
-    sharded = {n.stage for n in dag.nodes if STAGES[n.stage].STAGE.sharded}
-    unknown = sorted(set(cfg.stages.scale) - sharded)
-    if unknown:
-        raise DagError(f"stages.scale names {unknown}: not sharded stages of DAG {dag.name!r} (those are "
-                       f"{', '.join(sorted(sharded))})")
+    asks for; `given` nodes are taken from an earlier record. Checked before any work: the preflight
+    (flows/preflight.py), and that a scheduler address answers."""
+    preflight(dag, cfg, refresh, nodes)
     args = (dag, cfg, carried, given, nodes, sorted(refresh), replay, variant)
     if runs_here(cfg):  # the calling flow's task runner is the one asked for: its run shows the stages
         return execute(*args)
@@ -248,7 +235,7 @@ def execute(dag: Dag, cfg: CycleConfig, carried: dict[str, DatasetRef] | None, g
         module = STAGES[node.stage]
         spec = module.STAGE
         inputs = _inputs(dag, node, outputs, carried)
-        section = node_config(resolved, spec.section, node.overrides)
+        section = node_config(resolved, spec.section, node.overrides, node.id)
         ctx = parent if node.model == "parent" else ctxs.for_checkpoint(
             read_row(outputs[node.model]["checkpoint"])["checkpoint_id"])
         if spec.sharded:

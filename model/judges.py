@@ -43,6 +43,9 @@ class OracleJudge:
         return out
 
 
+JUDGES = ("self", "oracle")
+
+
 def make_judge(name: str, ctx: Any) -> Judge:
     if name == "self":
         return SelfJudge(ctx.model)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from configs.loader import Strict
 from model.protocol import TokenSampling
@@ -33,6 +33,13 @@ class ModelSection(Strict):
     checkpoint: str = Field("base", description="'base' (the backend's), 'promoted', a registry id or a directory")
     registry_line: str = Field("default", description="the checkpoint registry line (lineage + promoted pointer)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _directory(cls, v: str) -> str:
+        # a directory is resolved once, here, so every process (a worker elsewhere) means the same one
+        path = os.path.expanduser(v)
+        return os.path.realpath(path) if v not in ("base", "promoted") and os.path.isdir(path) else v
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,12 @@ def base_directory(cfg: ModelSection, store: str) -> str:
     return registry.get(cfg.backend).base_checkpoint(cfg, cache)
 
 
-def register(directory: str, store: str, line: str, **lineage: Any) -> str:
-    """Register the checkpoint in `directory` (a no-op when its weights are registered); returns its id."""
+def register(directory: str, store: str, line: str, *, expected: dict[str, str] | None = None,
+             **lineage: Any) -> str:
+    """Register the checkpoint in `directory`, its files checked against `expected` when its writer recorded them
+    (weights already registered keep their lineage and are repaired from `directory` if damaged); returns its id."""
     ckpt_id = checkpoint_id_of_file(os.path.join(directory, WEIGHTS))
-    return Registry(store, line).register(directory, ckpt_id, **lineage).checkpoint_id
+    return Registry(store, line).register(directory, ckpt_id, expected=expected, **lineage).checkpoint_id
 
 
 def resolve(cfg: ModelSection, store: str, cycle: int = 0) -> Checkpoint:

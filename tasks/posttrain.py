@@ -2,14 +2,16 @@
 
 The subprocess (tasks/posttrain_worker.py) can be killed and resumed; this stage only plans, launches, waits
 and registers the result in the checkpoint registry with its lineage (parent, data fingerprint, config).
-The trainer works in `<store>/<run>/posttrain-<fp12>/` (`final/` once finished); the stage's output is a
-one-row `checkpoint` dataset naming the child, which later stages of the DAG run as their model.
+The trainer works in `<store>/<run>/posttrain-<fp12>/` (`final/` once finished, with the checksums of its files:
+a damaged `final/` is remade from the last checkpoint, never registered); the stage's output is a one-row
+`checkpoint` dataset naming the child, which later stages of the DAG run as their model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from configs.schema import PosttrainConfig
-from storage import DatasetRef, Store
+from storage import DatasetRef, RegistryError, Store, checksums, differences, read_checksums
 from tasks import models
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read_row
 
@@ -110,23 +112,34 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
 
     def train(_: int) -> pa.Table:
         final = out / "final"
+        if (final / "_metrics.json").exists() and (problems := final_problems(final)):
+            ctx.log(f"[posttrain] {final} is damaged ({'; '.join(problems)}): removing it; the trainer remakes it "
+                    "from its last checkpoint")
+            shutil.rmtree(final)
         if not (final / "_metrics.json").exists():
             job = {"posttrain": cfg.model_dump(mode="json"), "parent_dir": ctx.model_dir,
                    "cpr": inputs["cpr"].model_dump(), "dpo_pairs": inputs["dpo_pairs"].model_dump()}
             launch(job, out, cfg.nproc, cfg.timeout_s, ctx.log)
         metrics = (final / "_metrics.json").read_text()
         data = inputs["cpr" if cfg.objective == "sft" else "dpo_pairs"].fingerprint
-        child = models.register(str(final), ctx.store, ctx.registry_line, parent=ctx.model_id, cycle=ctx.cycle,
-                                data_fingerprint=data, config=cfg.model_dump(mode="json"),
-                                metrics={"posttrain": json.loads(metrics)})
+        child = models.register(str(final), ctx.store, ctx.registry_line, expected=read_checksums(str(final)),
+                                parent=ctx.model_id, cycle=ctx.cycle, data_fingerprint=data,
+                                config=cfg.model_dump(mode="json"), metrics={"posttrain": json.loads(metrics)})
         return pa.Table.from_pylist([{"checkpoint_id": child, "parent": ctx.model_id, "dir": str(final),
                                       "metrics": metrics}], schema=CHECKPOINT)
 
     if refresh:
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
     return {"checkpoint": build_plan(p, train, ctx, refresh)}
+
+
+def final_problems(final: Path) -> list[str]:
+    """What is damaged in the trainer's `final/` against the checksums it wrote there; empty when intact."""
+    try:
+        expected = read_checksums(str(final))
+    except RegistryError as exc:
+        return [str(exc)]
+    return differences(checksums(str(final)), expected)
 
 
 def work_dir(plan, ctx: StageContext) -> Path:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from configs.schema import PosttrainConfig
 from model.protocol import CPRExample
 from model.schedule import warmup_cosine
-from storage import DatasetRef, from_png
+from storage import DatasetRef, from_png, write_checksums
 from tasks.objectives import dpo_loss, sft_loss
 from tasks.stage import read, stable_seed
 
@@ -173,6 +173,30 @@ class Run:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
+def build_ops() -> None:
+    """DeepSpeed builds its CPU shared-memory op with torch's JIT, which marks a build with a lock file: a trainer
+    killed while holding it (a stopped run) leaves the file behind, and every later trainer waits on it for ever.
+    Trainers build under an fcntl lock, which the kernel frees with its holder, so a lock file found while holding
+    it is stale. The op stays loaded in this process: DeepSpeed's own load below reuses it."""
+    import fcntl
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+    from torch.utils.cpp_extension import _get_build_directory  # where torch's JIT puts this op's lock file
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    build = Path(_get_build_directory(builder.NAME, verbose=False))
+    with open(build.parent / ".selfplay-build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            print(f"removing {stale}, left by a build that was stopped", flush=True)
+            stale.unlink()
+        build_shm_op()
+
+
 def setup(job: dict) -> Run:
     """Distributed init, the parent model (and a frozen reference for DPO), the examples, the DeepSpeed engine."""
     import deepspeed
@@ -182,6 +206,8 @@ def setup(job: dict) -> Run:
 
     cfg = PosttrainConfig.model_validate(job["posttrain"])
     cuda = torch.cuda.is_available()
+    if not cuda:
+        build_ops()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -282,7 +308,7 @@ def train(run: Run) -> dict:
 
 
 def save(run: Run, done: dict) -> None:
-    """Rank 0 exports the model (EMA or raw) with its metrics to `final/`, atomically."""
+    """Rank 0 exports the model (EMA or raw) with its metrics and their checksums to `final/`, atomically."""
     cfg, umm, train_s = run.cfg, run.umm, done["train_s"]
     weights = run.ema if (run.ema is not None and cfg.export == "ema") else None
     if weights is not None:
@@ -306,6 +332,7 @@ def save(run: Run, done: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     umm.save_pretrained(tmp)
     (tmp / "_metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_checksums(str(tmp))  # what is reused or registered later is checked against what was written here
     os.replace(tmp, final)  # the finished model appears at once or not at all
     print(json.dumps({"posttrain": metrics}), flush=True)
 

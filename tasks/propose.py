@@ -4,7 +4,8 @@ Each call gets a category (drawn by the configured shares) and 1-3 few-shot seed
 seed library: the recipe's seed prompts plus the judge's best prompts of earlier cycles (the `seed_library`
 input, written by select). Prompts from the previous discard pool are offered again (curriculum). Exact and
 near duplicates (same canonical form) are removed; invalid proposals are kept with their reason and counted.
-The held-out benchmark suite (the `suite` input) is never proposed.
+The held-out benchmark suite (the `heldout` input: every prompt any benchmark size could measure, whatever this
+run's size) is never proposed, nor offered as a few-shot seed, which would steer proposals towards it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import json
 import random
 import re
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
-import yaml
 
-from configs.schema import ProposeConfig, resolve_path
+from configs.schema import ProposeConfig, read_seed_file
 from model.protocol import require_role
 from storage import DatasetRef
 from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, prompt_id, read, stable_seed
@@ -28,15 +27,8 @@ MAX_PROMPT_CHARS = 300
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("cycle", pa.int32()), ("category", pa.string()),
                     ("prompt", pa.string()), ("seed_prompt_ids", pa.list_(pa.string())), ("source", pa.string()),
                     ("valid", pa.bool_()), ("invalid_reason", pa.string())])
-STAGE = StageSpec(name="propose", code_version="1", section="propose", optional=("suite", "discard_pool",
+STAGE = StageSpec(name="propose", code_version="2", section="propose", optional=("heldout", "discard_pool",
                   "seed_library"), outputs={"prompts": SCHEMA}, sharded=True)
-
-
-def load_seed_file(path: str | Path) -> dict[str, list[str]]:
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
-        raise ValueError(f"{path}: expected a mapping of category -> non-empty list of seed prompts")
-    return {str(k): [str(p) for p in v] for k, v in data.items()}
 
 
 def _canonical(model, text: str) -> tuple[str | None, str | None, str | None]:
@@ -52,26 +44,32 @@ def _canonical(model, text: str) -> tuple[str | None, str | None, str | None]:
 
 
 def plan(inputs: dict[str, DatasetRef], cfg: ProposeConfig, ctx: StageContext) -> StagePlan:
-    seeds = load_seed_file(resolve_path(cfg.seed_file))
+    seeds = read_seed_file(cfg.seed_file)
     # the seeds' content, not their file name, is part of the fingerprint
     return make_plan(STAGE, inputs, {**cfg.model_dump(mode="json", exclude={"seed_file"}), "seeds": seeds}, ctx,
                      seeds=seeds, cfg=cfg)
 
 
 def _held_out(p: StagePlan, model) -> set[str]:
-    """The suite's prompts in canonical form."""
-    if "suite" not in p.inputs:
+    """The full held-out suite's prompts in canonical form."""
+    if "heldout" not in p.inputs:
         return set()
-    return {_canonical(model, t)[0] for t in read(p.inputs["suite"], ["prompt"]).column("prompt").to_pylist()}
+    texts = read(p.inputs["heldout"], ["prompt"]).column("prompt").to_pylist()
+    return {_canonical(model, t)[0] for t in texts} - {None}
 
 
-def _library(p: StagePlan) -> dict[str, list[tuple[str, str]]]:
-    """category -> [(prompt_id, prompt)]: the recipe's seeds, then earlier cycles' best prompts."""
-    lib = {c: [(prompt_id(t), t) for t in ts] for c, ts in p.extra["seeds"].items()}
+def _library(p: StagePlan, model, held_out: set[str]) -> tuple[dict[str, list[tuple[str, str]]], int]:
+    """category -> [(prompt_id, prompt)]: the recipe's seeds, then earlier cycles' best prompts, less those held
+    out; and how many were held out."""
+    rows = [(c, prompt_id(t), t) for c, ts in p.extra["seeds"].items() for t in ts]
     if "seed_library" in p.inputs:
-        for row in read(p.inputs["seed_library"], ["prompt_id", "prompt", "category"]).to_pylist():
-            lib.setdefault(row["category"], []).append((row["prompt_id"], row["prompt"]))
-    return lib
+        rows += [(r["category"], r["prompt_id"], r["prompt"])
+                 for r in read(p.inputs["seed_library"], ["prompt_id", "prompt", "category"]).to_pylist()]
+    lib: dict[str, list[tuple[str, str]]] = {}
+    for c, pid, t in rows:
+        if _canonical(model, t)[0] not in held_out:
+            lib.setdefault(c, []).append((pid, t))
+    return lib, len(rows) - sum(map(len, lib.values()))
 
 
 def _categories(cfg: ProposeConfig, lib: dict) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -88,11 +86,13 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     model = ctx.model
     require_role(model, "propose")
     rng = random.Random(stable_seed(ctx.run_seed, ctx.cycle, "propose"))
-    lib = _library(p)
+    held_out = _held_out(p, model)
+    lib, n_held = _library(p, model, held_out)
+    if n_held:
+        ctx.log(f"[propose] {n_held} seed prompts are in the held-out suite: left out of the few-shot library")
     cats, weights = _categories(cfg, lib)
     rows, seen = [], set()
-    stats = Counter()
-    held_out = _held_out(p, model)
+    stats = Counter(seeds_held_out=n_held)
 
     def add(text, category, source, seed_ids):
         canon, cat, reason = _canonical(model, text)

@@ -1,8 +1,11 @@
-"""suite: the held-out benchmark prompts, as a dataset.
+"""suite: the held-out benchmark prompts, as datasets.
 
-Every checkpoint is benchmarked on it and propose takes it as an input to exclude: it is never proposed, so
-never trained on, whatever the backend. Distinct prompts per category, the same for a given seed; a small
-category keeps at most a sixth of its prompts for the suite, so training keeps most of it.
+`suite` is what the run's benchmark measures (`prompts_per_category` of every category); `heldout` is every prompt
+any benchmark size could measure (the suite at its largest size), which propose excludes: it is never proposed, so
+never trained on, whatever the backend or the run's benchmark size. Distinct prompts per category, the same for a
+given seed; a category keeps at most a sixth of its distinct prompts for the suite, so training keeps most of them.
+The largest size is bounded: the suite's first draws are a category's likeliest prompts, and holding out every one
+a sixth of a large category allows would take most of what the model proposes there.
 """
 
 from __future__ import annotations
@@ -11,41 +14,48 @@ import random
 
 import pyarrow as pa
 
-from configs.schema import BenchmarkConfig
+from configs.schema import SUITE_MAX_PER_CATEGORY, BenchmarkConfig
 from storage import DatasetRef
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, stable_seed
 
-SUITE = "shapeworld-heldout-v1"
+SUITE = "shapeworld-heldout-v2"
 SHARED_RUN = "benchmarks"  # the suite depends on its config only: one copy, reused by every run
 
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("category", pa.string()), ("prompt", pa.string()),
                     ("suite", pa.string())])
-STAGE = StageSpec(name="suite", code_version="1", section="benchmark", outputs={"suite": SCHEMA}, model=False)
+STAGE = StageSpec(name="suite", code_version="2", section="benchmark", outputs={"suite": SCHEMA, "heldout": SCHEMA},
+                  model=False)
 
 
-def suite_prompts(cfg: BenchmarkConfig) -> list[tuple[str, str]]:
-    """(category, prompt) of the held-out suite."""
+def suite_prompts(cfg: BenchmarkConfig, full: bool = False) -> list[tuple[str, str]]:
+    """(category, prompt) of the held-out suite (`full`: at its largest size), in draw order. One rng per
+    category, so a smaller suite is a prefix of each category of any larger one."""
     from model.world import CATEGORIES, prompt_count, sample_prompt
 
-    rng = random.Random(cfg.suite_seed)
     out = []
     for cat in CATEGORIES:
-        want = min(cfg.prompts_per_category, max(1, prompt_count(cat) // 6))
-        seen: set[str] = set()
-        while len(seen) < want:
-            seen.add(sample_prompt(cat, rng))
-        out += [(cat, p) for p in sorted(seen)]
+        cap = min(max(1, prompt_count(cat) // 6), SUITE_MAX_PER_CATEGORY)
+        want = cap if full else min(cfg.prompts_per_category, cap)
+        rng = random.Random(stable_seed(cfg.suite_seed, cat))
+        drawn: dict[str, None] = {}
+        while len(drawn) < want:
+            drawn[sample_prompt(cat, rng)] = None
+        out += [(cat, p) for p in drawn]
     return out
+
+
+def _table(cfg: BenchmarkConfig, full: bool) -> pa.Table:
+    return pa.Table.from_pylist([{"prompt_id": str(stable_seed(SUITE, p)), "category": c, "prompt": p, "suite": SUITE}
+                                 for c, p in suite_prompts(cfg, full)], schema=SCHEMA)
 
 
 def run(inputs: dict[str, DatasetRef], cfg: BenchmarkConfig, ctx: StageContext,
         refresh: bool = False) -> dict[str, DatasetRef]:
-    # only what chooses the prompts enters the fingerprint
-    key = {"suite": SUITE, "prompts_per_category": cfg.prompts_per_category, "suite_seed": cfg.suite_seed}
-
-    def table(_: int) -> pa.Table:
-        return pa.Table.from_pylist([{"prompt_id": str(stable_seed(SUITE, p)), "category": c, "prompt": p,
-                                      "suite": SUITE} for c, p in suite_prompts(cfg)], schema=SCHEMA)
-
-    p = make_plan(STAGE, inputs, key, ctx, shared_run=SHARED_RUN)
-    return {"suite": build_plan(p, table, ctx, refresh)}
+    out = {}
+    for name, full in (("suite", False), ("heldout", True)):
+        # only what chooses the prompts enters the fingerprint: the full suite is the same at every size
+        key = {"suite": SUITE, "suite_seed": cfg.suite_seed,
+               "prompts_per_category": None if full else cfg.prompts_per_category}
+        p = make_plan(STAGE, inputs, key, ctx, dataset=name, shared_run=SHARED_RUN)
+        out[name] = build_plan(p, lambda _, full=full: _table(cfg, full), ctx, refresh)
+    return out

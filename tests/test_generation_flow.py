@@ -88,12 +88,13 @@ def test_threshold_recomputes_only_select_and_rubric_only_judge_and_select(first
     generate_flow(cfg.model_copy(update={"select": cfg.select.model_copy(update={"threshold": 9.0})}))
     after = refs_of(store, "gen")
     same = {k for k in before if before[k].fingerprint == after[k].fingerprint}
-    assert same == {"suite", "prompts", "rollouts", "judgements"}
+    assert same == {"suite", "heldout", "prompts", "rollouts", "judgements"}
     assert {created(after[k]) for k in same} == {created(before[k]) for k in same}
     rubric = {"partial_max": 5}
     generate_flow(cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"rubric": rubric})}))
     third = refs_of(store, "gen")
-    assert {k for k in before if before[k].fingerprint == third[k].fingerprint} == {"suite", "prompts", "rollouts"}
+    kept = {k for k in before if before[k].fingerprint == third[k].fingerprint}
+    assert kept == {"suite", "heldout", "prompts", "rollouts"}
 
 
 def test_sigkill_mid_rollout_then_rerun_has_exact_rows(tmp_path, prefect_api):

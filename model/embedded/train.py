@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from configs.loader import Strict, load_config
+from configs.loader import FloatPair, Strict, load_config
 from model.embedded import sequences as S
 from model.embedded.data import CorpusBuilder, DataMix, build_corpus, fit_codebook
 from model.embedded.umm import EmbeddedModelConfig, EmbeddedUMM
@@ -64,7 +64,7 @@ class SelectConfig(Strict):
     start: int = 0
     n_prompts: int = 200
     mode: Literal["last", "best_judge_in_band"] = "last"
-    gen_band: tuple[float, float] = (0.35, 0.75)
+    gen_band: FloatPair = (0.35, 0.75)
     min_und: float = 0.95
     min_non_unification: float = 0.20
 
@@ -84,11 +84,11 @@ class SelfDataConfig(Strict):
     share: float = 0.2
     buffer: int = 40000
     min_fill: int = 2000
-    cfg_range: tuple[float, float] = (3.0, 8.0)
+    cfg_range: FloatPair = (3.0, 8.0)
     temperature: float = 1.0
     # None: `temperature` for all; else each of `temperature_groups` groups of the images draws its own
     # temperature uniformly from this range (the rollout sweeps temperature too)
-    temperature_range: tuple[float, float] | None = None
+    temperature_range: FloatPair | None = None
     temperature_groups: int = 4
     workers: int = 2  # processes that label the images with the oracle
 
