@@ -101,6 +101,13 @@ class ProposeConfig(Strict):
     discard_pool_share: float = Field(0.25, ge=0, le=1, description="max share of prompts taken from the pool")
     max_attempts_factor: int = Field(4, ge=1, le=50, description="proposal calls per wanted prompt, at most")
 
+    @field_validator("examples_per_call")
+    @classmethod
+    def _examples(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"expected [least, most] few-shot examples with 1 <= least <= most, got {list(v)}")
+        return v
+
     @field_validator("seed_file")
     @classmethod
     def _seed_file(cls, v: str) -> str:

@@ -236,6 +236,34 @@ def checkpoints_verify(
         raise typer.Exit(1)
 
 
+datasets_app = typer.Typer(help="The store's datasets: verify.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.command("verify")
+def datasets_verify(store: str = "./runs",
+                    run: Annotated[Optional[str], typer.Option(help="one run (default: every run)")] = None) -> None:
+    """Check every dataset's parts against its manifest (JSON lines, a summary last); exit 1 on damage, as fsck.
+    A damaged dataset is recomputed, only its bad parts, by the next run that needs it."""
+    from configs.schema import resolve_store
+    from storage import Store
+    from storage.dataset import check_store
+
+    if not Store(resolve_store(store)).exists(resolve_store(store)):
+        fail(f"no store at {resolve_store(store)}")
+    damaged, checked = [], 0
+    try:
+        for report in check_store(resolve_store(store), run):
+            checked += 1
+            damaged += [report["dataset"]] if not report["intact"] else []
+            typer.echo(json.dumps(report))
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps({"checked": checked, "damaged": damaged}))
+    if damaged:
+        raise typer.Exit(1)
+
+
 def _print_cycle(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -379,7 +407,10 @@ def bench_scale(config: Annotated[Path, typer.Argument(help="cycle recipe")] = P
     """rollout + judge throughput in-process and on Dask workers (1 and N), datasets compared, JSON last line."""
     from flows.bench import bench_scale as run
 
-    load_cycle_config(config, overrides)  # a bad recipe stops here, before any cluster starts
+    from flows.dags import GENERATE
+    from flows.preflight import preflight
+
+    preflight(GENERATE, load_cycle_config(config, overrides))  # a bad recipe stops here, before any cluster starts
     typer.echo(json.dumps(run(str(config), list(overrides or []), prompts, tuple(workers or [1, 2]), local,
                               judge)))
 

@@ -74,9 +74,16 @@ def preflight(dag: Dag, cfg: CycleConfig, refresh: Iterable[str] = (), nodes: It
         bad = sorted(set(items) - set(ids))
         if bad:
             raise DagError(f"{name} names {bad}: not nodes of DAG {dag.name!r} (its nodes: {', '.join(ids)})")
+    sections = {}
     for n in dag.nodes:
         try:
-            node_config(cfg, STAGES[n.stage].STAGE.section, n.overrides, n.id)
+            sections[n.id] = node_config(cfg, STAGES[n.stage].STAGE.section, n.overrides, n.id)
         except ConfigError as exc:
             raise ConfigError(f"DAG {dag.name!r}: {exc}") from None
+    for n in dag.nodes:  # the oracle measures; it never chooses training data
+        src = dag.bindings(n).get("judgements", ("", ""))[0] if n.stage == "select" else ""
+        if src and (nodes is None or n.id in nodes) and sections[src].judge != "self":
+            raise PreflightError(f"judge.judge={sections[src].judge!r} measures only: select (node {n.id!r}) "
+                                 "trains on the model's own judgements; score rollouts with it alone through "
+                                 "`selfplay stage judge --only judge.judge=oracle`")
     check_checkpoint(cfg)

@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -300,3 +300,29 @@ def build(ref: DatasetRef, n_parts: int, compute_part: Callable[[int], pa.Table]
     m = commit_parts(ref, n_parts, config=config, upstream=upstream, model_id=model_id, code_version=code_version,
                      timings=timings)
     return BuildResult(ref, m, reused=False, computed_parts=computed, repaired=repaired)
+
+
+def check_store(store: str, run: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every dataset folder of a store (or of one run), checked part by part against its manifest: one report
+    each, {dataset, rows, intact, problems}. A folder whose manifest does not parse, or names another dataset,
+    is damaged too."""
+    st = Store(store)
+
+    def folders(path: str) -> list[str]:
+        return sorted(e["name"].rstrip("/") for e in st.fs.ls(path, detail=True) if e["type"] == "directory")
+
+    runs = [st.path(validate_name(run, "run name"))] if run else folders(st.root)
+    for run_dir in runs:
+        if not st.exists(run_dir):
+            raise FileNotFoundError(f"no run {run!r} in store {st.root}")
+        for folder in folders(run_dir):
+            if not st.exists(f"{folder}/{MANIFEST}"):
+                continue  # not a dataset (a trainer's work folder, records) or one not committed yet
+            try:
+                m = Manifest.model_validate_json(st.read_bytes(f"{folder}/{MANIFEST}"))
+                ref = DatasetRef(store=store, run=m.run, stage=m.stage, fingerprint=m.fingerprint)
+            except ValueError:
+                yield {"dataset": folder, "rows": None, "intact": False, "problems": [f"{MANIFEST}: unreadable"]}
+                continue
+            problems = Dataset(ref).verify() if ref.path == folder else [f"{MANIFEST} names {ref.path}"]
+            yield {"dataset": folder, "rows": m.rows, "intact": not problems, "problems": problems}

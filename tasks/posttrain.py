@@ -110,8 +110,10 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
     p = plan_of(inputs, cfg, ctx)
     out = work_dir(p, ctx)
 
-    def train(_: int) -> pa.Table:
+    def train(_: int) -> pa.Table:  # under the dataset's part lock: a second identical run waits, then reuses
         final = out / "final"
+        if refresh:
+            shutil.rmtree(out, ignore_errors=True)
         if (final / "_metrics.json").exists() and (problems := final_problems(final)):
             ctx.log(f"[posttrain] {final} is damaged ({'; '.join(problems)}): removing it; the trainer remakes it "
                     "from its last checkpoint")
@@ -128,8 +130,6 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
         return pa.Table.from_pylist([{"checkpoint_id": child, "parent": ctx.model_id, "dir": str(final),
                                       "metrics": metrics}], schema=CHECKPOINT)
 
-    if refresh:
-        shutil.rmtree(out, ignore_errors=True)
     return {"checkpoint": build_plan(p, train, ctx, refresh)}
 
 

@@ -97,26 +97,36 @@ def test_threshold_recomputes_only_select_and_rubric_only_judge_and_select(first
     assert kept == {"suite", "heldout", "prompts", "rollouts"}
 
 
-def test_sigkill_mid_rollout_then_rerun_has_exact_rows(tmp_path, prefect_api):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_or_stopped_mid_rollout_then_rerun_has_exact_rows(tmp_path, prefect_api, sig):
+    """SIGKILL loses only the shards in flight; SIGTERM (or Ctrl-C) also says so in one line and exits 130."""
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(json.dumps(cfg_for(tmp_path, name="killed",
                                            rollout={"prompts_per_shard": 2}).model_dump(mode="json")))
     env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=prefect_api)
     cmd = [sys.executable, "-m", "flows.cli", "generate", str(cfg_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = tmp_path / "stderr.txt"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=fh)
     run_dir = tmp_path / "killed"
     deadline = time.time() + 180
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         parts = list(run_dir.glob("rollouts-*/part-*.json"))
         if len(parts) >= 3 and not list(run_dir.glob("rollouts-*/_manifest.json")):
-            proc.send_signal(signal.SIGKILL)
+            said = err.stat().st_size
+            proc.send_signal(sig)
             killed_at = len(parts)
             break
         time.sleep(0.01)
-    proc.wait()
+    rc = proc.wait()
     assert killed_at is not None, "the flow finished before it could be killed mid-rollout"
     assert not list(run_dir.glob("rollouts-*/_manifest.json"))
+    if sig == signal.SIGTERM:
+        after = err.read_bytes()[said:].decode(errors="replace")
+        lines = [ln for ln in after.replace("\r", "\n").splitlines() if "interrupted" in ln or "Error" in ln
+                 or "Traceback" in ln or "Crash" in ln]
+        assert rc == 130 and len(lines) == 1 and lines[0].startswith("interrupted: stopped"), after[-3000:]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     ref = refs_of(tmp_path, "killed")["rollouts"]
     rows = Dataset(ref).read(["prompt_id", "sample_idx"]).to_pylist()
@@ -146,3 +156,21 @@ def test_single_stage_rerun_from_the_run_record(first_run):
     assert Path(judged, "_manifest.json").stat().st_mtime_ns != stamp
     with pytest.raises(DagError, match="'paint' is not in run"):
         stage_flow("paint", "gen", store=str(store))
+
+
+def test_the_same_config_in_two_stores_then_one_deleted(first_run, tmp_path):
+    """A run's refs never leave its store: the commit cache of one store never answers for another's."""
+    import shutil
+
+    store, cfg, _ = first_run
+    generate_flow(cfg)  # cached: this config's record again (earlier tests ran variants of it)
+    before = refs_of(store, "gen")
+    other = tmp_path / "other"
+    generate_flow(cfg.model_copy(update={"run": cfg.run.model_copy(update={"store": str(other)})}))
+    assert all(r.store == str(other) for r in refs_of(other, "gen").values())
+    shutil.rmtree(other)
+    generate_flow(cfg)
+    after = refs_of(store, "gen")
+    assert after == before and all(r.store == str(store) for r in after.values())
+    assert {k: created(r) for k, r in after.items()} == {k: created(r) for k, r in before.items()}
+    assert all(Dataset(r).intact() for r in after.values())
