@@ -2,6 +2,7 @@
 re-registered, and the trainer's `final/` is checked against the checksums it wrote before reuse."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -155,10 +156,10 @@ def test_final_problems_detects_a_damaged_trainer_output(tmp_path):
     assert final_problems(final)[0].endswith("_checksums.json: unreadable")
 
 
-def test_posttrain_remakes_a_damaged_final_and_registers_only_verified_files(tmp_path, monkeypatch):
-    """The stage around a stand-in trainer that exports `final/` as the worker does (weights, metrics, checksums)."""
-    import shutil
-
+@pytest.fixture
+def stand_in_posttrain(tmp_path, monkeypatch):
+    """The posttrain stage around a stand-in trainer that exports `final/` as the worker does (weights, metrics,
+    checksums, atomically), after a second's work; returns a call that runs the stage and the trainer's launches."""
     from configs.schema import PosttrainConfig
     from storage import DatasetRef
     from tasks import posttrain
@@ -169,6 +170,7 @@ def test_posttrain_remakes_a_damaged_final_and_registers_only_verified_files(tmp
 
     def trainer(job, out, nproc, timeout_s, log):
         launches.append(out)
+        time.sleep(1.0)
         tmp = out / "final.tmp"
         save_file({"w": torch.full((64,), 3.0)}, str(weights_dir(tmp, 3.0) / "model.safetensors"))
         (tmp / "_metrics.json").write_text('{"steps": 1}')
@@ -183,15 +185,46 @@ def test_posttrain_remakes_a_damaged_final_and_registers_only_verified_files(tmp
                                                                                             ("dpo_pairs", "b"))}
     cfg = PosttrainConfig.model_validate({"steps": 1})
 
+    def run():
+        return posttrain.run(inputs, cfg, ctx)["checkpoint"]
+
+    run.final = posttrain.work_dir(posttrain.plan_of(inputs, cfg, ctx), ctx) / "final"
+    run.store = store
+    return run, launches
+
+
+def test_posttrain_remakes_a_damaged_final_and_registers_only_verified_files(stand_in_posttrain):
+    import shutil
+
+    from tasks import posttrain
+
+    run, launches = stand_in_posttrain
+
     def child() -> str:
-        ref = posttrain.run(inputs, cfg, ctx)["checkpoint"]
+        ref = run()
         row = posttrain.child_of(ref)
         shutil.rmtree(ref.path)  # the next call trains (or reuses `final/`) again instead of reusing this row
         return row["checkpoint_id"]
 
     first = child()
-    final = posttrain.work_dir(posttrain.plan_of(inputs, cfg, ctx), ctx) / "final"
     assert len(launches) == 1 and child() == first and len(launches) == 1  # an intact final/ is reused
-    flip_byte(final / "model.safetensors")
+    flip_byte(run.final / "model.safetensors")
     assert child() == first and len(launches) == 2  # a damaged one is remade, not registered
-    assert [m.checkpoint_id for m in Registry(store).list()] == [first]
+    assert [m.checkpoint_id for m in Registry(run.store).list()] == [first]
+
+
+def test_two_identical_posttrain_stages_train_once(stand_in_posttrain):
+    """The second identical run waits for the first's lock, then reuses its child."""
+    import threading
+
+    from tasks import posttrain
+
+    run, launches = stand_in_posttrain
+    children = []
+    threads = [threading.Thread(target=lambda: children.append(posttrain.child_of(run())["checkpoint_id"]))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(launches) == 1 and len(children) == 2 and children[0] == children[1]
