@@ -230,7 +230,9 @@ class Dataset:
         problem = self._check_bytes(data, p)
         if problem:
             raise CorruptPartError(f"dataset {self.dir}: {problem}")
-        return pq.read_table(io.BytesIO(data), columns=columns)
+        # one part is small and shards give the parallelism; pyarrow's reader threads over an in-memory file
+        # also abort the interpreter at exit now and then ('terminate called without an active exception')
+        return pq.read_table(io.BytesIO(data), columns=columns, use_threads=False)
 
     def to_polars(self, columns: list[str] | None = None):
         import polars as pl
