@@ -195,7 +195,8 @@ class ReconstructConfig(Strict):
 class PosttrainConfig(Strict):
     """DeepSpeed post-training; UniCorn's recipe shape (AdamW 0.9/0.95, wd 0, clip 1.0, EMA), scaled to the model."""
 
-    objective: Literal["sft", "dpo"] = "sft"
+    objective: Literal["sft", "dpo", "grpo"] = Field("sft", description="sft: the CPR mixture; dpo: best vs "
+                                                      "worst image pairs; grpo: every scored rollout, group-relative")
     steps: int = Field(200, ge=1)
     micro_batch: int = Field(32, ge=1, description="examples per rank per micro-step")
     grad_accum: int = Field(1, ge=1)
@@ -224,6 +225,8 @@ class PosttrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     dpo_beta: float = Field(0.1, gt=0)
     dpo_nll_weight: float = Field(1.0, ge=0)
+    grpo_clip: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the per-token probability ratio")
+    grpo_kl: float = Field(0.04, ge=0, description="weight of KL(policy || parent) per token")
     loss_weights: dict[Literal["generation", "caption", "judgement", "reflection"], float] = Field(
         default_factory=dict, description="per-kind SFT loss weights over the backend's own defaults; each kind's "
         "token-mean loss counts as many times as the batch has examples of that kind, times its weight")

@@ -133,6 +133,9 @@ ARMS: dict[str, dict[str, dict[str, Any]]] = {
     # DPO at UniCorn's lr: at the SFT recipe's 5e-5 it overfit the ~200 pairs (16 passes) and lost 17 points
     "dpo": {"reconstruct": {"mixture": {"generation": 5, "caption": 5, "judgement": 3, "reflection": 1}},
             "posttrain": {"objective": "dpo", "lr": 1e-5, "min_lr": 1e-6}},
+    # every scored rollout, group-relative (its reconstruct node is the cpr arm's: the same datasets)
+    "grpo": {"reconstruct": {"mixture": {"generation": 5, "caption": 5, "judgement": 3, "reflection": 1}},
+             "posttrain": {"objective": "grpo"}},
 }
 
 

@@ -40,7 +40,8 @@ class Judgement:
 
 @dataclass
 class CPRExample:
-    """One training example of a CPR kind (generation, caption, judgement, reflection), or a DPO pair."""
+    """One training example of a CPR kind (generation, caption, judgement, reflection), a DPO pair ('preference')
+    or one scored sample of a prompt's group ('group', its advantage in `meta`)."""
 
     kind: str
     input_text: str
@@ -117,6 +118,10 @@ class TrainableModel(Protocol):
     def preference_logprobs(self, examples: list[CPRExample]) -> tuple[Any, Any, int]:
         """(chosen, rejected, tokens_per_image): the summed log-probabilities (B,), with grad, of each example's
         `target_image` and of its `rejected_image` given `input_text`, and the number of tokens of an image."""
+
+    def image_token_logprobs(self, examples: list[CPRExample]) -> Any:
+        """(B, tokens per image): the log-probability of each token of each example's `target_image` given its
+        `input_text` and the tokens before it, with grad (group-relative policy objectives)."""
 
     def tokens_per_example(self, example: CPRExample) -> int:
         """Tokens one training example runs through the model (a preference pair: both images' sequences)."""

@@ -7,6 +7,12 @@
 - `dpo_loss`: DPO over image tokens (chosen = target_image, rejected = rejected_image) against a frozen
   reference, plus the chosen image's NLL per token.
 
+- `grpo_loss`: group-relative policy optimisation over image tokens. Each of a prompt's N rollouts carries the
+  advantage (score - group mean) / group std from the model's own judge; the loss is PPO's clipped surrogate per
+  token against the rollout policy (the parent, which is also the frozen KL reference), plus beta x the k3 estimate
+  of KL(policy || reference). For a flow-matching backend the same objective runs over denoising steps: the
+  per-token log-probability becomes the Gaussian log-density of each sampled step (Flow-GRPO), the rest is equal.
+
 Backends give the per-kind terms (`loss_terms`, from whatever forward passes suit them) and the log-probabilities
 (`preference_logprobs`); the float operations here are the ones the backends' own losses performed, in the same
 order, so a training run's weights do not change with the split.
@@ -60,3 +66,18 @@ def dpo_loss(model: Any, reference: Any, examples: list[CPRExample], beta: float
     if nll_weight:
         loss = loss - nll_weight * pc.mean() / n_tokens
     return loss
+
+
+def grpo_loss(model: Any, reference: Any, examples: list[CPRExample], clip: float = 0.2,
+              kl_beta: float = 0.04) -> torch.Tensor:
+    """-mean over tokens of min(r A, clip(r, 1 - clip, 1 + clip) A) + kl_beta x mean (e^(q - p) - (q - p) - 1),
+    with r = e^(p - q), p the policy's token log-probabilities (with grad), q the reference's (the parent drew the
+    rollouts, so it is the old policy too) and A each example's `meta['advantage']`."""
+    lp = model.image_token_logprobs(examples)
+    with torch.no_grad():
+        ref = reference.image_token_logprobs(examples).to(lp.device)
+    adv = torch.tensor([float(e.meta["advantage"]) for e in examples], device=lp.device)[:, None]
+    ratio = torch.exp(lp - ref)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv)
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    return -surrogate.mean() + kl_beta * kl.mean()

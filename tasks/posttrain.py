@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = pa.schema([("checkpoint_id", pa.string()), ("parent", pa.string()), ("dir", pa.string()),
                         ("metrics", pa.string())])
 # code version 2: EMA leaves integer buffers alone; 3: mixture-weighted loss; 4: judgement one fact a sequence
-STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", inputs=("cpr", "dpo_pairs"),
+STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", inputs=("cpr", "dpo_pairs", "groups"),
                   outputs={"checkpoint": CHECKPOINT}, exclusive=True)
+TRAINS_ON = {"sft": "cpr", "dpo": "dpo_pairs", "grpo": "groups"}  # the dataset each objective trains on
 # how many ranks train and how often they save change speed, not the model: they stay out of the fingerprint
 SPEED_ONLY = {"nproc", "timeout_s", "checkpoint_every"}
 
@@ -120,10 +121,10 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
             shutil.rmtree(final)
         if not (final / "_metrics.json").exists():
             job = {"posttrain": cfg.model_dump(mode="json"), "parent_dir": ctx.model_dir,
-                   "cpr": inputs["cpr"].model_dump(), "dpo_pairs": inputs["dpo_pairs"].model_dump()}
+                   **{k: inputs[k].model_dump() for k in STAGE.inputs}}
             launch(job, out, cfg.nproc, cfg.timeout_s, ctx.log)
         metrics = (final / "_metrics.json").read_text()
-        data = inputs["cpr" if cfg.objective == "sft" else "dpo_pairs"].fingerprint
+        data = inputs[TRAINS_ON[cfg.objective]].fingerprint
         child = models.register(str(final), ctx.store, ctx.registry_line, expected=read_checksums(str(final)),
                                 parent=ctx.model_id, cycle=ctx.cycle, data_fingerprint=data,
                                 config=cfg.model_dump(mode="json"), metrics={"posttrain": json.loads(metrics)})

@@ -28,7 +28,8 @@ from configs.schema import PosttrainConfig
 from model.protocol import CPRExample
 from model.schedule import warmup_cosine
 from storage import DatasetRef, from_png, write_checksums
-from tasks.objectives import dpo_loss, sft_loss
+from tasks.objectives import dpo_loss, grpo_loss, sft_loss
+from tasks.posttrain import TRAINS_ON
 from tasks.stage import read, stable_seed
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16, for MFU
@@ -69,6 +70,8 @@ class Objective(torch.nn.Module):
         if self.cfg.objective == "dpo":
             return dpo_loss(self.umm, self.reference, examples, beta=self.cfg.dpo_beta,
                             nll_weight=self.cfg.dpo_nll_weight)
+        if self.cfg.objective == "grpo":
+            return grpo_loss(self.umm, self.reference, examples, clip=self.cfg.grpo_clip, kl_beta=self.cfg.grpo_kl)
         return sft_loss(self.umm, examples, self.cfg.loss_weights or None)
 
 
@@ -218,12 +221,12 @@ def setup(job: dict) -> Run:
     torch.manual_seed(cfg.seed)
     run.umm = load_trainable(job["parent_dir"], device=run.device, dtype="float32")
     reference = None
-    if cfg.objective == "dpo":
+    if cfg.objective in ("dpo", "grpo"):  # a frozen reference: the parent
         reference = load_trainable(job["parent_dir"], device=run.device, dtype="float32")
         reference.net.requires_grad_(False).eval()
         if bf16:
             reference.net.to(torch.bfloat16)
-    source = job["dpo_pairs"] if cfg.objective == "dpo" else job["cpr"]
+    source = job[TRAINS_ON[cfg.objective]]
     run.train, run.heldout = load_examples(source, "train"), load_examples(job["cpr"], "heldout")
     if not run.train:
         raise SystemExit(f"posttrain: no training examples in {DatasetRef.model_validate(source).name}")

@@ -6,7 +6,8 @@
     reflection   prompt + worst image -> best image             (groups with max > 8 and max - min >= 3)
 
 Counts follow the configured proportions (UniCorn 5:5:3:1) relative to the generation examples available.
-A `dpo_pairs` dataset (chosen = best, rejected = worst of each accepted prompt) serves the DPO objective.
+A `dpo_pairs` dataset (chosen = best, rejected = worst of each accepted prompt) serves the DPO objective, and a
+`groups` dataset (every scored rollout with its advantage within its prompt's group) the GRPO objective.
 A share of prompts is held out (`split` = 'heldout') so post-training can report held-out loss per kind.
 Every example keeps its lineage: prompt_id and the sample ids it came from.
 """
@@ -34,7 +35,7 @@ SCHEMA = pa.schema([("example_id", pa.string()), ("kind", pa.string()), ("split"
 # the model gives only its caption templates (they enter the fingerprint with the config), not its id
 STAGE = StageSpec(name="reconstruct", code_version="1", section="reconstruct",
                   inputs=("prompts", "rollouts", "judgements", "selections"),
-                  outputs={"cpr": SCHEMA, "dpo_pairs": SCHEMA}, model=False)
+                  outputs={"cpr": SCHEMA, "dpo_pairs": SCHEMA, "groups": SCHEMA}, model=False)
 
 
 def _split(pid: str, cfg: ReconstructConfig) -> str:
@@ -111,7 +112,24 @@ def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, captio
               rejected_image=images[(pid, sel[pid]["worst_sample_idx"])],
               chosen_score=sel[pid]["max_score"], rejected_score=sel[pid]["min_score"])
            for pid in winners if sel[pid]["max_score"] > sel[pid]["min_score"]]
-    return {"cpr": gen + cap + jud + ref, "dpo_pairs": dpo}
+
+    # groups: every scored rollout of every prompt, with its advantage within the prompt's group; a group whose
+    # scores are all equal says nothing about which image is better, and trains nothing
+    scored = defaultdict(list)
+    for r in judged:
+        if r["parse_ok"] and r["score"] is not None and r["prompt_id"] in prompts:
+            scored[r["prompt_id"]].append(r)
+    grp = []
+    for pid in sorted(scored):
+        rows = sorted(scored[pid], key=lambda r: r["sample_idx"])
+        mean = sum(r["score"] for r in rows) / len(rows)
+        std = (sum((r["score"] - mean) ** 2 for r in rows) / len(rows)) ** 0.5
+        if len(rows) < 2 or std == 0:
+            continue
+        grp += [ex("group", pid, [r["sample_idx"]], input_text=prompts[pid]["prompt"],
+                   target_image=images[(pid, r["sample_idx"])], score=r["score"],
+                   advantage=(r["score"] - mean) / std) for r in rows]
+    return {"cpr": gen + cap + jud + ref, "dpo_pairs": dpo, "groups": grp}
 
 
 def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext,
@@ -127,7 +145,7 @@ def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext
         return make
 
     refs = {}
-    for name in ("cpr", "dpo_pairs"):
+    for name in STAGE.outputs:
         # the templates are the model's: they enter the fingerprint with the config
         p = make_plan(STAGE, inputs, {**cfg.model_dump(mode="json"), "caption_templates": list(templates)}, ctx,
                       dataset=name)
@@ -135,5 +153,6 @@ def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext
     counts = defaultdict(int)
     for k in read(refs["cpr"], ["kind"]).column("kind").to_pylist():
         counts[k] += 1
-    ctx.log(f"[reconstruct] {dict(counts)} + {read(refs['dpo_pairs'], ['kind']).num_rows} DPO pairs")
+    ctx.log(f"[reconstruct] {dict(counts)} + {read(refs['dpo_pairs'], ['kind']).num_rows} DPO pairs + "
+            f"{read(refs['groups'], ['kind']).num_rows} scored rollouts in groups")
     return refs

@@ -1,6 +1,6 @@
-"""`selfplay ablate cpr` end to end on the embedded model (small sizes): one generation side, three children
-(generation-only SFT, a CPR mixture set with --cpr-mixture, DPO) trained on it, each benchmarked beside the parent
-and its judge measured on the parent's images."""
+"""`selfplay ablate cpr` end to end on the embedded model (small sizes): one generation side, four children
+(generation-only SFT, a CPR mixture set with --cpr-mixture, DPO, GRPO) trained on it, each benchmarked beside the
+parent and its judge measured on the parent's images."""
 
 import json
 
@@ -10,7 +10,7 @@ from flows.cli import app
 from storage import Registry
 
 
-def test_ablate_cpr_prints_the_four_arms_as_json(tmp_path, prefect_api):
+def test_ablate_cpr_prints_the_arms_as_json(tmp_path, prefect_api):
     over = [f"run.store={tmp_path}", "run.name=abl", "propose.num_prompts=48", "rollout.prompts_per_shard=24",
             "select.threshold=6", "reconstruct.generation_min_score=6", "reconstruct.heldout_share=0.2",
             "posttrain.steps=8", "posttrain.micro_batch=16", "posttrain.checkpoint_every=4",
@@ -18,19 +18,21 @@ def test_ablate_cpr_prints_the_four_arms_as_json(tmp_path, prefect_api):
     res = CliRunner().invoke(app, ["ablate", "cpr", "configs/cycle/tiny.yaml", *over, "--cpr-mixture", "reflection=0"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])  # logs and bars go to stderr
-    assert list(out) == ["base", "gen_only", "cpr", "dpo"]
+    assert list(out) == ["base", "gen_only", "cpr", "dpo", "grpo"]
     for arm, m in out.items():
         for k in ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreement"):
             assert 0.0 <= m[k] <= 1.0, (arm, k)
     ids = {m["checkpoint_id"] for m in out.values()}
-    assert len(ids) == 4, "three distinct children beside the parent"
+    assert len(ids) == 5, "four distinct children beside the parent"
     reg = Registry(str(tmp_path))
-    for arm in ("gen_only", "cpr", "dpo"):
+    for arm in ("gen_only", "cpr", "dpo", "grpo"):
         assert reg.require(out[arm]["checkpoint_id"]).parent == out["base"]["checkpoint_id"]
     # the CPR arm trains UniCorn's kinds (here without reflection) whatever the recipe's own mixture
     assert out["cpr"]["train_examples"] > 2 * out["gen_only"]["train_examples"]
     assert out["cpr"]["mixture"] == {"generation": 5, "caption": 5, "judgement": 3, "reflection": 0}
-    for arm in ("gen_only", "cpr", "dpo"):  # the paired interval of the change brackets the change
+    # GRPO trains on every scored rollout of each prompt whose scores differ: at least two a DPO pair's prompt
+    assert out["grpo"]["train_examples"] >= 2 * out["dpo"]["train_examples"] > 0
+    for arm in ("gen_only", "cpr", "dpo", "grpo"):  # the paired interval of the change brackets the change
         lo, hi = out[arm]["gen_acc_oracle_delta_ci95"]
         assert lo - 1e-3 <= out[arm]["gen_acc_oracle"] - out["base"]["gen_acc_oracle"] <= hi + 1e-3
         # the arm's judge on the base's own images: the interval brackets that change too

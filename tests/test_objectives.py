@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from model.protocol import CPR_KINDS, ROLES, CPRExample, LossTerm, TrainableModel, UnifiedModel
-from tasks.objectives import dpo_loss, sft_loss
+from tasks.objectives import dpo_loss, grpo_loss, sft_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,3 +160,65 @@ def test_janus_gives_terms_for_every_kind_and_a_trainable_mixture(janus):
     assert janus.net.model.generation_head.proj_out.weight.grad is not None
     assert janus.net.model.vqmodel.quantize.embedding.weight.grad is None  # the VQ model stays frozen
     janus.net.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------- GRPO, on both backends
+def _groups(prompts, images, advantages):
+    return [CPRExample("group", p, target_image=im, meta={"advantage": a})
+            for p, im, a in zip(prompts, images, advantages)]
+
+
+def test_grpo_at_the_reference_is_minus_the_mean_advantage_and_raises_the_better_images(embedded, world):
+    prompts, true, wrong = world
+    ex = _groups(prompts[:3] * 2, list(true[:3]) + list(wrong[:3]), [1.0] * 3 + [-1.0] * 3)
+    with torch.no_grad():
+        per_token = embedded.image_token_logprobs(ex)
+        assert per_token.shape == (6, embedded.codebook.tokens_per_image)
+        assert per_token.sum(-1).tolist() == pytest.approx(
+            embedded.sequence_logprob([e.input_text for e in ex], [e.target_image for e in ex]).tolist(), rel=1e-5)
+        # ratio 1 and KL 0 at the reference: the loss is minus the mean advantage
+        assert float(grpo_loss(embedded, embedded, ex)) == pytest.approx(0.0, abs=1e-6)
+        skewed = _groups(prompts[:2], true[:2], [2.0, 0.5])
+        assert float(grpo_loss(embedded, embedded, skewed)) == pytest.approx(-1.25, abs=1e-6)
+    # one gradient step on the policy: positive-advantage images gain log-probability, negative ones lose it
+    import copy
+
+    policy = copy.deepcopy(embedded)
+    opt = torch.optim.SGD(policy.net.parameters(), lr=0.05)
+    grpo_loss(policy, embedded, ex, kl_beta=0.0).backward()
+    opt.step()
+    with torch.no_grad():
+        delta = (policy.image_token_logprobs(ex) - embedded.image_token_logprobs(ex)).sum(-1)
+    assert float(delta[:3].mean()) > 0 > float(delta[3:].mean())
+
+
+def test_grpo_clips_the_ratio_and_charges_kl_away_from_the_reference(embedded, world):
+    prompts, true, _ = world
+
+    class Shifted:  # the reference's log-probabilities moved by a constant per token
+        def __init__(self, shift):
+            self.shift = shift
+
+        def image_token_logprobs(self, examples):
+            return embedded.image_token_logprobs(examples) + self.shift
+
+    ex = _groups(prompts[:2], true[:2], [1.0, 1.0])
+    with torch.no_grad():
+        # policy / reference ratio e^0.5 > 1.2 with a positive advantage: clipped at 1.2
+        assert float(grpo_loss(embedded, Shifted(-0.5), ex, kl_beta=0.0)) == pytest.approx(-1.2, rel=1e-5)
+        kl = math.exp(-0.5) + 0.5 - 1  # k3 at log-ratio 0.5, per token
+        assert float(grpo_loss(embedded, Shifted(-0.5), ex, kl_beta=1.0)) == pytest.approx(-1.2 + kl, rel=1e-5)
+
+
+def test_janus_token_logprobs_sum_to_its_image_logprob(janus):
+    red = Image.new("RGB", (32, 32), (200, 30, 30))
+    ex = _groups(["a red circle", "a blue square"], [red, red], [1.0, -1.0])
+    with torch.no_grad():
+        per_token = janus.image_token_logprobs(ex)
+        pc, _, n = janus.preference_logprobs([CPRExample("preference", e.input_text, target_image=red,
+                                                         rejected_image=red) for e in ex])
+    assert per_token.shape == (2, n) and per_token.sum(-1).tolist() == pytest.approx(pc.tolist(), rel=1e-5)
+    assert janus.tokens_per_example(ex[0]) == janus.tokens_per_example(CPRExample("generation", "a red circle",
+                                                                                  target_image=red))
+    loss = grpo_loss(janus, janus, ex)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6) and loss.requires_grad

@@ -561,14 +561,15 @@ class EmbeddedUMM:
 
     def tokens_per_example(self, example: CPRExample) -> int:
         """Tokens of the example's training sequences; a preference pair runs two generation sequences."""
-        if example.kind == "preference":
+        if example.kind in ("preference", "group"):  # generation sequences of its image(s)
             gen = [CPRExample("generation", example.input_text, target_image=im)
-                   for im in (example.target_image, example.rejected_image)]
+                   for im in (example.target_image, example.rejected_image) if im is not None]
             return sum(self.tokens_per_example(g) for g in gen)
         return sum(len(ids) for ids, _ in self.example_seqs(example)[1])
 
-    def sequence_logprob(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
-        """Sum of log-probabilities of each image's tokens given its prompt (B,), with grad: for DPO."""
+    def token_logprobs(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        """Log-probability of each image token given its prompt and the tokens before it (B, tokens per image),
+        with grad."""
         v = self.vocab
         codes = self.image_codes(images)
         seqs = [S.generation_seq(v, self.text_ids(p), c) for p, c in zip(prompts, codes)]
@@ -576,7 +577,14 @@ class EmbeddedUMM:
         ids, tg = ids.to(self.device), tg.to(self.device)
         logits = self.net(ids[:, :-1]).float()
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return (lp * tg[:, 1:]).sum(-1)
+        return lp[tg[:, 1:]].view(len(seqs), -1)  # every row has exactly one image's tokens
+
+    def sequence_logprob(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        """Sum of log-probabilities of each image's tokens given its prompt (B,), with grad: for DPO."""
+        return self.token_logprobs(prompts, images).sum(-1)
+
+    def image_token_logprobs(self, examples: list[CPRExample]) -> torch.Tensor:
+        return self.token_logprobs([e.input_text for e in examples], [e.target_image for e in examples])
 
     def preference_logprobs(self, examples: list[CPRExample]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(chosen, rejected, tokens per image): summed log-probabilities of target_image and of rejected_image

@@ -516,10 +516,17 @@ class JanusUMM:
                     for i in range(0, y.numel(), chunk))
         return total / y.numel()
 
-    def image_logprob(self, prefixes: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
-        """Sum of log-probabilities of each image's codes given its prefix (B,), with grad."""
+    def image_logprob(self, prefixes: list[torch.Tensor], codes: torch.Tensor, per_token: bool = False
+                      ) -> torch.Tensor:
+        """Sum of log-probabilities of each image's codes given its prefix (B,), with grad; or each code's
+        (B, codes per image) with `per_token`."""
         logits = self._image_hidden(prefixes, codes).float()
-        return -F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").sum(-1)
+        lp = -F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")
+        return lp if per_token else lp.sum(-1)
+
+    def image_token_logprobs(self, examples: list[CPRExample]) -> torch.Tensor:
+        codes = self.image_codes([e.target_image for e in examples])
+        return self.image_logprob([self._gen_prefix(e.input_text) for e in examples], codes, per_token=True)
 
     def text_ce(self, prompts: list[list[int]], targets: list[list[int]], images: list[Image.Image]) -> torch.Tensor:
         """Language-model loss on the answers (each target + EOS) given image + question, right-padded."""
@@ -554,7 +561,7 @@ class JanusUMM:
         N = self.n_image_tokens
         if ex.kind == "preference":
             return 2 * (len(self.gen_ids(ex.input_text)) + N)
-        if ex.kind == "generation":
+        if ex.kind in ("generation", "group"):
             return len(self.gen_ids(ex.input_text)) + N
         if ex.kind == "reflection":
             b, a = self.reflect_parts(ex.input_text)
