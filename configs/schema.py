@@ -227,6 +227,8 @@ class PosttrainConfig(Strict):
     dpo_nll_weight: float = Field(1.0, ge=0)
     grpo_clip: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the per-token probability ratio")
     grpo_kl: float = Field(0.04, ge=0, description="weight of KL(policy || parent) per token")
+    grpo_sft_weight: float = Field(0.0, ge=0, description="grpo: also train the CPR examples (SFT) in the same "
+                                   "batches, at this weight beside the group loss (0: GRPO alone)")
     loss_weights: dict[Literal["generation", "caption", "judgement", "reflection"], float] = Field(
         default_factory=dict, description="per-kind SFT loss weights over the backend's own defaults; each kind's "
         "token-mean loss counts as many times as the batch has examples of that kind, times its weight")

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = pa.schema([("checkpoint_id", pa.string()), ("parent", pa.string()), ("dir", pa.string()),
                         ("metrics", pa.string())])
 # code version 2: EMA leaves integer buffers alone; 3: mixture-weighted loss; 4: judgement one fact a sequence
-STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", inputs=("cpr", "dpo_pairs", "groups"),
+STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", inputs=("cpr", "dpo_pairs"),
+                  optional=("groups",),
                   outputs={"checkpoint": CHECKPOINT}, exclusive=True)
 TRAINS_ON = {"sft": "cpr", "dpo": "dpo_pairs", "grpo": "groups"}  # the dataset each objective trains on
 # how many ranks train and how often they save change speed, not the model: they stay out of the fingerprint
@@ -108,6 +109,9 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
         raise NotImplementedError("posttrain writes its checkpoints to a local or mounted store path")
     if ctx.model_dir is None:
         raise ValueError("posttrain: the context names no parent checkpoint directory")
+    if TRAINS_ON[cfg.objective] not in inputs:
+        raise ValueError(f"posttrain.objective={cfg.objective} trains on the {TRAINS_ON[cfg.objective]!r} dataset, "
+                         "which no input gives")
     p = plan_of(inputs, cfg, ctx)
     out = work_dir(p, ctx)
 
@@ -121,7 +125,7 @@ def run(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext,
             shutil.rmtree(final)
         if not (final / "_metrics.json").exists():
             job = {"posttrain": cfg.model_dump(mode="json"), "parent_dir": ctx.model_dir,
-                   **{k: inputs[k].model_dump() for k in STAGE.inputs}}
+                   **{k: ref.model_dump() for k, ref in inputs.items()}}
             launch(job, out, cfg.nproc, cfg.timeout_s, ctx.log)
         metrics = (final / "_metrics.json").read_text()
         data = inputs[TRAINS_ON[cfg.objective]].fingerprint

@@ -70,8 +70,14 @@ class Objective(torch.nn.Module):
         if self.cfg.objective == "dpo":
             return dpo_loss(self.umm, self.reference, examples, beta=self.cfg.dpo_beta,
                             nll_weight=self.cfg.dpo_nll_weight)
-        if self.cfg.objective == "grpo":
-            return grpo_loss(self.umm, self.reference, examples, clip=self.cfg.grpo_clip, kl_beta=self.cfg.grpo_kl)
+        if self.cfg.objective == "grpo":  # the group samples; with grpo_sft_weight, CPR examples beside them
+            groups = [e for e in examples if e.kind == "group"]
+            rest = [e for e in examples if e.kind != "group"]
+            loss = sft_loss(self.umm, rest, self.cfg.loss_weights or None) * self.cfg.grpo_sft_weight
+            if groups:
+                loss = loss + grpo_loss(self.umm, self.reference, groups, clip=self.cfg.grpo_clip,
+                                        kl_beta=self.cfg.grpo_kl)
+            return loss
         return sft_loss(self.umm, examples, self.cfg.loss_weights or None)
 
 
@@ -228,6 +234,8 @@ def setup(job: dict) -> Run:
             reference.net.to(torch.bfloat16)
     source = job[TRAINS_ON[cfg.objective]]
     run.train, run.heldout = load_examples(source, "train"), load_examples(job["cpr"], "heldout")
+    if cfg.objective == "grpo" and cfg.grpo_sft_weight > 0:
+        run.train += load_examples(job["cpr"], "train")
     if not run.train:
         raise SystemExit(f"posttrain: no training examples in {DatasetRef.model_validate(source).name}")
     freeze_parameters(run.umm.net, cfg.freeze)

@@ -62,7 +62,7 @@ def test_cpr_kinds_mixture_and_lineage(generated):
 
 def train(refs, cfg, ctx) -> dict:
     """posttrain on the CPR data; the child's checkpoint row (id, dir, metrics)."""
-    return child_of(posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs")}, cfg, ctx)["checkpoint"])
+    return child_of(posttrain.run({k: refs[k] for k in ("cpr", "dpo_pairs", "groups")}, cfg, ctx)["checkpoint"])
 
 
 def _posttrain_cfg(**kw):
@@ -89,6 +89,25 @@ def test_dpo_objective_trains_and_differs_from_sft(generated):
     out = train(refs, _posttrain_cfg(objective="dpo", steps=10), ctx)
     assert out["metrics"]["objective"] == "dpo" and out["metrics"]["steps"] == 10
     assert out["checkpoint_id"] != ctx.model_id
+
+
+def test_grpo_trains_on_every_scored_rollout_of_the_groups(generated):
+    store, cfg, ctx, refs = generated
+    groups = Dataset(refs["groups"]).read(["kind", "split", "prompt_id", "meta"]).to_pylist()
+    assert groups and {g["kind"] for g in groups} == {"group"}
+    by_prompt = {}
+    for g in groups:
+        by_prompt.setdefault(g["prompt_id"], []).append(json.loads(g["meta"])["advantage"])
+    for adv in by_prompt.values():  # standardised within each prompt's group
+        assert len(adv) >= 2 and abs(sum(adv) / len(adv)) < 1e-9
+        assert abs(sum(a * a for a in adv) / len(adv) - 1) < 1e-9
+    out = train(refs, _posttrain_cfg(objective="grpo", steps=6, checkpoint_every=3), ctx)
+    assert out["metrics"]["objective"] == "grpo" and out["checkpoint_id"] != ctx.model_id
+    assert out["metrics"]["train_examples"] == sum(g["split"] == "train" for g in groups)
+    both = train(refs, _posttrain_cfg(objective="grpo", steps=6, checkpoint_every=3, grpo_sft_weight=1.0), ctx)
+    cpr_train = sum(r == "train" for r in Dataset(refs["cpr"]).read(["split"]).column("split").to_pylist())
+    assert both["metrics"]["train_examples"] == out["metrics"]["train_examples"] + cpr_train
+    assert both["checkpoint_id"] not in (out["checkpoint_id"], ctx.model_id)
 
 
 def test_killed_posttrain_resumes_from_last_checkpoint(generated, tmp_path):
