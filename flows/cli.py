@@ -249,11 +249,12 @@ def datasets_verify(store: str = "./runs",
     from storage import Store
     from storage.dataset import check_store
 
-    if not Store(resolve_store(store)).exists(resolve_store(store)):
-        fail(f"no store at {resolve_store(store)}")
+    root = resolve_store(store)
+    if not Store(root).exists(root):
+        fail(f"no store at {root}")
     damaged, checked = [], 0
     try:
-        for report in check_store(resolve_store(store), run):
+        for report in check_store(root, run):
             checked += 1
             damaged += [report["dataset"]] if not report["intact"] else []
             typer.echo(json.dumps(report))

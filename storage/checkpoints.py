@@ -179,8 +179,7 @@ class Registry:
         """Every checkpoint folder of the line, its meta readable or not (`verify` says which)."""
         if not self.store.exists(self.root):
             return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self.store.fs.ls(self.root, detail=True)
-                      if e["type"] == "directory")
+        return [f.rsplit("/", 1)[-1] for f in self.store.folders(self.root)]
 
     def list(self) -> list[CheckpointMeta]:
         """The registered checkpoints whose meta is readable, oldest cycle first."""

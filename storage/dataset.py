@@ -309,15 +309,11 @@ def check_store(store: str, run: str | None = None) -> Iterator[dict[str, Any]]:
     each, {dataset, rows, intact, problems}. A folder whose manifest does not parse, or names another dataset,
     is damaged too."""
     st = Store(store)
-
-    def folders(path: str) -> list[str]:
-        return sorted(e["name"].rstrip("/") for e in st.fs.ls(path, detail=True) if e["type"] == "directory")
-
-    runs = [st.path(validate_name(run, "run name"))] if run else folders(st.root)
+    runs = [st.path(validate_name(run, "run name"))] if run else st.folders(st.root)
     for run_dir in runs:
         if not st.exists(run_dir):
             raise FileNotFoundError(f"no run {run!r} in store {st.root}")
-        for folder in folders(run_dir):
+        for folder in st.folders(run_dir):
             if not st.exists(f"{folder}/{MANIFEST}"):
                 continue  # not a dataset (a trainer's work folder, records) or one not committed yet
             try:

@@ -63,6 +63,10 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
 
+    def folders(self, path: str) -> list[str]:
+        """The paths of the folders directly in `path`, sorted."""
+        return sorted(e["name"].rstrip("/") for e in self.fs.ls(path, detail=True) if e["type"] == "directory")
+
     def remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
