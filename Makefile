@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/selfplay run configs/cycle/tiny.yaml
+	$(VENV)/bin/selfplay run configs/cycle/tiny-grpo.yaml
 
 # the architecture's import rules (pyproject.toml [tool.importlinter]) first, then the suite
 test: install

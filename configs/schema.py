@@ -136,6 +136,8 @@ class ProposeConfig(Strict):
 
 class RolloutConfig(Strict):
     samples_per_prompt: int = Field(8, ge=1, le=64)
+    pool_samples_per_prompt: int | None = Field(None, ge=1, le=64, description="samples for a prompt that returns "
+                                                "from the discard pool (curriculum); default: samples_per_prompt")
     cfg_min: float = Field(3.0, ge=0)
     cfg_max: float = Field(8.0, ge=0)
     sampling: dict = Field(default_factory=dict, description="the backend's sampling parameters (embedded, "

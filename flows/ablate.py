@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from configs.schema import CycleConfig
-from flows.dags import ARMS, ablation
+from flows.dags import ARM_EXAMPLES, ARMS, DEFAULT_ARMS, ablation
 from flows.runner import run_dag
 from tasks.gate import JUDGE_FIXED, decision_of
 from tasks.posttrain import child_of
@@ -28,18 +28,24 @@ def _ci95(delta: dict) -> list[float]:
     return [round(delta["ci_low"], 4), round(delta["ci_high"], 4)]
 
 
-def arms_with(cpr_mixture: dict[str, float] | None) -> dict[str, dict]:
-    """The ablation's arms, the cpr arm with `cpr_mixture` (if given) instead of UniCorn's."""
-    arms = {k: dict(v) for k, v in ARMS.items()}
-    if cpr_mixture is not None:
+def arms_with(cpr_mixture: dict[str, float] | None, names: tuple[str, ...] | list[str] = DEFAULT_ARMS
+              ) -> dict[str, dict]:
+    """The named arms of the ablation, the cpr arm with `cpr_mixture` (if given) instead of UniCorn's."""
+    unknown = [n for n in names if n not in ARMS]
+    if unknown or not names:
+        raise ValueError(f"ablation arms {unknown or '(none)'}: the arms are {', '.join(ARMS)}")
+    arms = {k: dict(ARMS[k]) for k in dict.fromkeys(names)}
+    if cpr_mixture is not None and "cpr" in arms:
         arms["cpr"]["reconstruct"] = {"mixture": cpr_mixture}
     return arms
 
 
 @flow(name="selfplay-ablate-cpr", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def ablate_cpr_flow(config: CycleConfig, cpr_mixture: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
-    """`cpr_mixture` replaces UniCorn's 5:5:3:1 in the cpr arm (e.g. without reflection)."""
-    arms = arms_with(cpr_mixture)
+def ablate_cpr_flow(config: CycleConfig, cpr_mixture: dict[str, float] | None = None,
+                    arms: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """`cpr_mixture` replaces UniCorn's 5:5:3:1 in the cpr arm (e.g. without reflection); `arms` names the arms
+    (default: gen_only, cpr, dpo, grpo; `ceiling` trains on true renders, a reference that is not self-play)."""
+    arms = arms_with(cpr_mixture, arms or DEFAULT_ARMS)
     record = run_dag(ablation(arms), config)
     out: dict[str, dict[str, Any]] = {}
     for name, arm in arms.items():
@@ -51,5 +57,5 @@ def ablate_cpr_flow(config: CycleConfig, cpr_mixture: dict[str, float] | None = 
                      "gen_acc_oracle_delta_ci95": _ci95(gate["deltas"]["gen"]),
                      f"{JUDGE_FIXED}_delta_ci95": _ci95(gate["deltas"]["judge"]),
                      "train_examples": trained["metrics"]["train_examples"],
-                     "mixture": arm["reconstruct"]["mixture"]}
+                     "mixture": arm["reconstruct"]["mixture"], "self_play": name not in ARM_EXAMPLES}
     return out

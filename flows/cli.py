@@ -316,8 +316,14 @@ def nightly(config: ConfigPath, overrides: Overrides = None,
     results = call_flow(nightly_flow, cfg, cycles, dag=CYCLE, runs_stages=False)  # each cycle is a flow run of its own
     for summary in results:
         _print_cycle(summary)
-    typer.echo(json.dumps([{"cycle": s["cycle"], "promoted": s["promoted"], "parent": s["parent"],
-                            "child": s["child"]} for s in results]))
+    def ci(delta: dict) -> dict:
+        return {"delta": round(delta["delta"], 4), "ci95": [round(delta["ci_low"], 4), round(delta["ci_high"], 4)]}
+
+    typer.echo(json.dumps([{"cycle": s["cycle"], "promoted": s["promoted"], "seconds": s["seconds"],
+                            "gen_acc_oracle_change": ci(s["delta_gen_acc_oracle"]),
+                            "judge_on_parent_images_change": ci(s["delta_judge_on_parent_images"]),
+                            "discard_pool_offered": s["generation"]["propose"].get("from_discard_pool"),
+                            "parent": s["parent"], "child": s["child"]} for s in results]))
 
 
 ablate_app = typer.Typer(help="Ablations on the embedded model.", no_args_is_help=True)
@@ -328,15 +334,18 @@ app.add_typer(ablate_app, name="ablate")
 def ablate_cpr(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Path("configs/cycle/tiny.yaml"),
                overrides: Overrides = None,
                cpr_mixture: Annotated[Optional[list[str]], typer.Option(
-                   help="KIND=WEIGHT over UniCorn's 5:5:3:1 for the cpr arm (repeatable), e.g. reflection=0")] = None
+                   help="KIND=WEIGHT over UniCorn's 5:5:3:1 for the cpr arm (repeatable), e.g. reflection=0")] = None,
+               arm: Annotated[Optional[list[str]], typer.Option(
+                   help="an arm to train (repeatable; default gen_only, cpr, dpo, grpo): gen_only, cpr, dpo, grpo, "
+                        "or ceiling (SFT on true renders of the same prompts: a reference, not self-play)")] = None
                ) -> None:
-    """Generation-only SFT vs the CPR mixture vs DPO on the same self-generated data (JSON last line)."""
+    """Generation-only SFT vs the CPR mixture vs DPO vs GRPO on the same self-generated data (JSON last line)."""
     cfg = load_cycle_config(config, overrides)
     from pydantic import ValidationError
 
     from configs.schema import ReconstructConfig
     from flows.ablate import FULL_MIXTURE, ablate_cpr_flow, arms_with
-    from flows.dags import ablation
+    from flows.dags import DEFAULT_ARMS, ablation
 
     mixture = dict(FULL_MIXTURE)
     for item in cpr_mixture or []:
@@ -351,7 +360,11 @@ def ablate_cpr(config: Annotated[Path, typer.Argument(help="cycle recipe")] = Pa
         ReconstructConfig(mixture=mixture)
     except ValidationError as exc:
         fail(f"--cpr-mixture: {exc.errors()[0]['msg']} (got {mixture})")
-    typer.echo(json.dumps(call_flow(ablate_cpr_flow, cfg, mixture, dag=ablation(arms_with(mixture)))))
+    try:
+        arms = arms_with(mixture, arm or DEFAULT_ARMS)
+    except ValueError as exc:
+        fail(f"--arm: {exc}")
+    typer.echo(json.dumps(call_flow(ablate_cpr_flow, cfg, mixture, list(arms), dag=ablation(arms))))
 
 
 @app.command("generate")

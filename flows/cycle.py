@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,9 @@ def nightly_flow(config: CycleConfig, cycles: int = 3) -> list[dict[str, Any]]:
     for c in range(cycles):
         run = config.run.model_copy(update={"cycle": config.run.cycle + c})
         model = config.model if c == 0 else config.model.model_copy(update={"checkpoint": "promoted"})
-        results.append(cycle_flow(config.model_copy(update={"run": run, "model": model})))
+        t0 = time.perf_counter()
+        summary = cycle_flow(config.model_copy(update={"run": run, "model": model}))
+        results.append({**summary, "seconds": round(time.perf_counter() - t0, 1)})
     return results
 
 

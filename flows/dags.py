@@ -103,13 +103,14 @@ GENERATE = Dag("generate", (Node("suite", "suite"), Node("propose", "propose"), 
 
 
 def training_side(suffix: str = "", overrides: dict[str, dict[str, Any]] | None = None,
-                  parent_bench: str = "benchmark_parent") -> tuple[Node, ...]:
-    """reconstruct -> posttrain -> the child's benchmark, its judge on the parent's images -> gate."""
+                  parent_bench: str = "benchmark_parent", examples: str = "reconstruct") -> tuple[Node, ...]:
+    """reconstruct (or another stage that writes training examples) -> posttrain -> the child's benchmark, its
+    judge on the parent's images -> gate."""
     o = overrides or {}
-    post, bench = f"posttrain{suffix}", f"benchmark_child{suffix}"
-    return (Node(f"reconstruct{suffix}", "reconstruct", overrides=o),
-            Node(post, "posttrain", inputs={"cpr": f"reconstruct{suffix}.cpr",
-                                            "dpo_pairs": f"reconstruct{suffix}.dpo_pairs"}, overrides=o),
+    src, post, bench = f"{examples}{suffix}", f"posttrain{suffix}", f"benchmark_child{suffix}"
+    return (Node(src, examples, overrides=o),
+            Node(post, "posttrain", inputs={name: f"{src}.{name}" for name in ("cpr", "dpo_pairs", "groups")},
+                 overrides=o),
             Node(bench, "benchmark", model=post),
             Node(f"judge_shift{suffix}", "judge_shift", model=post,
                  inputs={"benchmark_items": f"{parent_bench}.benchmark_items"}),
@@ -136,14 +137,24 @@ ARMS: dict[str, dict[str, dict[str, Any]]] = {
     # every scored rollout, group-relative (its reconstruct node is the cpr arm's: the same datasets)
     "grpo": {"reconstruct": {"mixture": {"generation": 5, "caption": 5, "judgement": 3, "reflection": 1}},
              "posttrain": {"objective": "grpo"}},
+    # the ceiling (not self-play): generation-only SFT on true renders of the same accepted prompts
+    "ceiling": {"reconstruct": {"mixture": {"generation": 1, "caption": 0, "judgement": 0, "reflection": 0}},
+                "posttrain": {"objective": "sft"}},
 }
+
+
+# reference arms whose examples another stage writes: not self-play, a line to measure self-play against
+ARM_EXAMPLES = {"ceiling": "ground_truth"}
+# the arms `selfplay ablate` runs unless told otherwise
+DEFAULT_ARMS = ("gen_only", "cpr", "dpo", "grpo")
 
 
 def ablation(arms: dict[str, dict[str, dict[str, Any]]]) -> Dag:
     """One generation side and the parent's benchmark, then each arm's training side; no arm moves the pointer."""
     nodes = [*GENERATE.nodes, Node("benchmark_parent", "benchmark")]
     for name, over in arms.items():
-        nodes += training_side(f"_{name}", {**over, "gate": {"promote": False}})
+        nodes += training_side(f"_{name}", {**over, "gate": {"promote": False}},
+                               examples=ARM_EXAMPLES.get(name, "reconstruct"))
     return Dag("ablation", tuple(nodes)).check()
 
 

@@ -52,6 +52,11 @@ class CPRExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def sampling_temperature(example: CPRExample) -> float:
+    """The temperature that drew a group example's image (`meta['temperature']`; 1 when not recorded)."""
+    return float(example.meta.get("temperature") or 1.0)
+
+
 class TokenSampling(Strict):
     """How a backend that decodes image tokens one by one samples them (the embedded model, Janus). A
     flow-matching backend registers its own (steps, timestep shift, CFG interval, ...): rollout and benchmark
@@ -121,7 +126,8 @@ class TrainableModel(Protocol):
 
     def image_token_logprobs(self, examples: list[CPRExample]) -> Any:
         """(B, tokens per image): the log-probability of each token of each example's `target_image` given its
-        `input_text` and the tokens before it, with grad (group-relative policy objectives)."""
+        `input_text` and the tokens before it, with grad, under the policy that sampled it: the logits divided
+        by `sampling_temperature(example)` (group-relative policy objectives)."""
 
     def tokens_per_example(self, example: CPRExample) -> int:
         """Tokens one training example runs through the model (a preference pair: both images' sequences)."""

@@ -134,6 +134,7 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
                 break
             add(text, cat, "proposed", [pid for pid, _ in ex])
     stats["attempts"] = attempts
+    stats["from_discard_pool"] = n_pool
     valid_new = stats["valid"] - n_pool
     ctx.log(f"[propose] {stats['valid']} valid ({n_pool} from the discard pool), {stats['invalid']} invalid, "
             f"{stats['duplicates_removed']} duplicates removed, {attempts} proposals")

@@ -14,7 +14,6 @@ Every example keeps its lineage: prompt_id and the sample ids it came from.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 
@@ -22,24 +21,17 @@ import pyarrow as pa
 
 from configs.schema import ReconstructConfig
 from storage import DatasetRef
-from tasks.stage import StageContext, StageSpec, build_plan, make_plan, prompt_id, read, stable_seed
+from tasks.examples import EXAMPLES, example_row
+from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read, stable_seed
 
 # a backend without caption templates of its own is asked in plain words
 GENERIC_CAPTION_TEMPLATES = ("which prompt made this image", "what prompt drew this picture",
                              "write the prompt of this image")
 
-SCHEMA = pa.schema([("example_id", pa.string()), ("kind", pa.string()), ("split", pa.string()),
-                    ("prompt_id", pa.string()), ("sample_ids", pa.list_(pa.int32())), ("input_text", pa.string()),
-                    ("input_image", pa.binary()), ("target_text", pa.string()), ("target_image", pa.binary()),
-                    ("rejected_image", pa.binary()), ("meta", pa.string())])
 # the model gives only its caption templates (they enter the fingerprint with the config), not its id
-STAGE = StageSpec(name="reconstruct", code_version="1", section="reconstruct",
+STAGE = StageSpec(name="reconstruct", code_version="2", section="reconstruct",
                   inputs=("prompts", "rollouts", "judgements", "selections"),
-                  outputs={"cpr": SCHEMA, "dpo_pairs": SCHEMA, "groups": SCHEMA}, model=False)
-
-
-def _split(pid: str, cfg: ReconstructConfig) -> str:
-    return "heldout" if stable_seed(cfg.seed, "split", pid) % 10_000 < cfg.heldout_share * 10_000 else "train"
+                  outputs={"cpr": EXAMPLES, "dpo_pairs": EXAMPLES, "groups": EXAMPLES}, model=False)
 
 
 def stratified(judged: list[dict], n: int, rng: random.Random) -> list[dict]:
@@ -62,17 +54,14 @@ def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, captio
     prompts = {r["prompt_id"]: r for r in read(inputs["prompts"], ["prompt_id", "prompt", "category"]).to_pylist()}
     sel = {r["prompt_id"]: r for r in read(inputs["selections"]).to_pylist()}
     judged = read(inputs["judgements"], ["prompt_id", "sample_idx", "score", "reasoning", "parse_ok"]).to_pylist()
-    images = {(r["prompt_id"], r["sample_idx"]): r["image"]
-              for r in read(inputs["rollouts"], ["prompt_id", "sample_idx", "image"]).to_pylist()}
+    drawn = read(inputs["rollouts"], ["prompt_id", "sample_idx", "image", "temperature"]).to_pylist()
+    images = {(r["prompt_id"], r["sample_idx"]): r["image"] for r in drawn}
+    # the policy that drew each sample: GRPO's ratios are taken under it
+    temperature = {(r["prompt_id"], r["sample_idx"]): r["temperature"] for r in drawn}
     rng = random.Random(stable_seed(cfg.seed, "reconstruct"))
 
-    def ex(kind, pid, samples, input_text=None, input_image=None, target_text=None, target_image=None,
-           rejected_image=None, **meta):
-        key = f"{kind}:{pid}:{samples}:{input_text}"
-        return {"example_id": prompt_id(key), "kind": kind, "split": _split(pid, cfg), "prompt_id": pid,
-                "sample_ids": list(samples), "input_text": input_text, "input_image": input_image,
-                "target_text": target_text, "target_image": target_image, "rejected_image": rejected_image,
-                "meta": json.dumps({"prompt": prompts[pid]["prompt"], "category": prompts[pid]["category"], **meta})}
+    def ex(kind, pid, samples, **fields):
+        return example_row(cfg, kind, pid, samples, prompts[pid], **fields)
 
     winners = sorted(pid for pid, s in sel.items()
                      if s["accepted"] and s["max_score"] >= cfg.generation_min_score)
@@ -128,12 +117,17 @@ def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, captio
             continue
         grp += [ex("group", pid, [r["sample_idx"]], input_text=prompts[pid]["prompt"],
                    target_image=images[(pid, r["sample_idx"])], score=r["score"],
-                   advantage=(r["score"] - mean) / std) for r in rows]
+                   advantage=(r["score"] - mean) / std, temperature=temperature[(pid, r["sample_idx"])])
+                for r in rows]
     return {"cpr": gen + cap + jud + ref, "dpo_pairs": dpo, "groups": grp}
 
 
 def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext,
         refresh: bool = False) -> dict[str, DatasetRef]:
+    judges = set(read(inputs["judgements"], ["judge_id"]).column("judge_id").to_pylist())
+    if judges - {"self"}:  # GRPO's advantages and the judgement kind come from these scores, not only select's
+        raise ValueError(f"reconstruct: judgements come from {sorted(judges)}; only the model's own judge ('self') "
+                         "may feed training")
     templates = tuple(getattr(ctx.model, "caption_templates", GENERIC_CAPTION_TEMPLATES))
     cache: dict[str, list] = {}
 
@@ -141,7 +135,7 @@ def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext
         def make(_: int) -> pa.Table:
             if not cache:
                 cache.update(build_examples(inputs, cfg, templates))
-            return pa.Table.from_pylist(cache[name], schema=SCHEMA)
+            return pa.Table.from_pylist(cache[name], schema=EXAMPLES)
         return make
 
     refs = {}

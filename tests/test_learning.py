@@ -101,6 +101,9 @@ def test_grpo_trains_on_every_scored_rollout_of_the_groups(generated):
     for adv in by_prompt.values():  # standardised within each prompt's group
         assert len(adv) >= 2 and abs(sum(adv) / len(adv)) < 1e-9
         assert abs(sum(a * a for a in adv) / len(adv) - 1) < 1e-9
+    # each sample's ratio is taken under the temperature that drew it (the rollout's, recorded per row)
+    drawn = {r["temperature"] for r in Dataset(refs["rollouts"]).read(["temperature"]).to_pylist()}
+    assert {json.loads(g["meta"])["temperature"] for g in groups} == drawn
     out = train(refs, _posttrain_cfg(objective="grpo", steps=6, checkpoint_every=3), ctx)
     assert out["metrics"]["objective"] == "grpo" and out["checkpoint_id"] != ctx.model_id
     assert out["metrics"]["train_examples"] == sum(g["split"] == "train" for g in groups)
@@ -177,3 +180,16 @@ def test_freeze_keeps_matching_parameters_fixed_and_names_a_bad_pattern(generate
     assert not torch.equal(child["blocks.1.fc1.weight"], parent["blocks.1.fc1.weight"])  # the rest trained
     with pytest.raises(RuntimeError, match=r"posttrain.freeze: 'block.*' matches no parameter"):
         train(refs, _posttrain_cfg(steps=6, freeze=["block.*"]), ctx)
+
+
+def test_the_oracle_never_weights_training_data(generated):
+    """GRPO's advantages come from reconstruct, not select: scores by any judge but the model's own are refused
+    there too, before any example is written."""
+    store, cfg, ctx, refs = generated
+    oracle = run_in_process(judge, {k: refs[k] for k in ("prompts", "rollouts")},
+                            cfg.judge.model_copy(update={"judge": "oracle"}), ctx)["judgements"]
+    inputs = {**{k: refs[k] for k in ("prompts", "rollouts", "selections")}, "judgements": oracle}
+    before = sorted(p.name for p in Path(store, "learn").iterdir())
+    with pytest.raises(ValueError, match="only the model's own judge"):
+        reconstruct.run(inputs, cfg.reconstruct, ctx)
+    assert sorted(p.name for p in Path(store, "learn").iterdir()) == before, "nothing half-written"

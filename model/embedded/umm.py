@@ -26,7 +26,7 @@ from model.embedded import sequences as S
 from model.embedded.tokenizer import PatchCodebook, Vocab
 from model.embedded.transformer import Transformer, TransformerConfig
 from model.ids import checkpoint_id
-from model.protocol import ROLES, CPRExample, Judgement, LossTerm
+from model.protocol import ROLES, CPRExample, Judgement, LossTerm, sampling_temperature
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -584,7 +584,19 @@ class EmbeddedUMM:
         return self.token_logprobs(prompts, images).sum(-1)
 
     def image_token_logprobs(self, examples: list[CPRExample]) -> torch.Tensor:
-        return self.token_logprobs([e.input_text for e in examples], [e.target_image for e in examples])
+        """Under the sampler's own policy: image codes only (the decode's bias included), logits divided by the
+        temperature that drew each image (`meta['temperature']`, default 1)."""
+        v = self.vocab
+        codes = self.image_codes([e.target_image for e in examples])
+        seqs = [S.generation_seq(v, self.text_ids(e.input_text), c) for e, c in zip(examples, codes)]
+        ids, tg = S.collate(seqs, v.PAD)
+        ids, tg = ids.to(self.device), tg.to(self.device)
+        n = self.codebook.tokens_per_image
+        logits = self.net(ids[:, :-1]).float()[..., v.img_offset:v.img_offset + v.n_codes]
+        logits = logits[tg[:, 1:]].view(len(seqs), n, -1) + self._image_bias()
+        temps = torch.tensor([sampling_temperature(e) for e in examples], device=logits.device)[:, None, None]
+        lp = torch.log_softmax(logits / temps, -1)
+        return lp.gather(-1, (ids[:, 1:][tg[:, 1:]].view(len(seqs), n) - v.img_offset)[..., None]).squeeze(-1)
 
     def preference_logprobs(self, examples: list[CPRExample]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(chosen, rejected, tokens per image): summed log-probabilities of target_image and of rejected_image
