@@ -7,6 +7,7 @@ import math
 import string
 import threading
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -125,6 +126,9 @@ def invalid_values(section: str, name: str, ann: typing.Any, meta: list) -> st.S
         return st.integers() | st.booleans() | st.lists(TEXT, max_size=2)
     if origin is typing.Literal:
         return TEXT.filter(lambda v: v not in args) | st.integers()
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # optional: the value's own invalid ones
+        (inner,) = [a for a in args if a is not type(None)]
+        return invalid_values(section, name, inner, meta)
     if origin is typing.Union:  # nproc: int | 'auto'
         return st.booleans() | st.integers(max_value=0) | TEXT.filter(lambda v: v != "auto")
     if ann is dict:
