@@ -52,9 +52,24 @@ class CPRExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def sampling_temperature(example: CPRExample) -> float:
-    """The temperature that drew a group example's image (`meta['temperature']`; 1 when not recorded)."""
-    return float(example.meta.get("temperature") or 1.0)
+def sampling_policy(example: CPRExample) -> tuple[float, float]:
+    """(temperature, CFG scale) that drew a group example's image (`meta['temperature']`, `meta['cfg_scale']`;
+    1 when not recorded): the sampler's logits are u + s (c - u), divided by the temperature."""
+    t, s = example.meta.get("temperature"), example.meta.get("cfg_scale")
+    return 1.0 if t is None else float(t), 1.0 if s is None else float(s)
+
+
+def guide(cond: Any, uncond: Any, scales: list[float], guided: list[int]) -> Any:
+    """The sampler's guided logits for rows `guided` (their unconditional logits in `uncond`, in that order):
+    u + s (c - u); other rows keep their conditional logits. Out of place, so gradients reach both passes."""
+    if not guided:
+        return cond
+    import torch
+
+    s = torch.tensor([scales[i] for i in guided], device=cond.device, dtype=cond.dtype)
+    s = s.view(-1, *([1] * (cond.dim() - 1)))
+    rows = torch.tensor(guided, device=cond.device)
+    return cond.index_put((rows,), uncond + s * (cond[rows] - uncond))
 
 
 class TokenSampling(Strict):
@@ -126,8 +141,8 @@ class TrainableModel(Protocol):
 
     def image_token_logprobs(self, examples: list[CPRExample]) -> Any:
         """(B, tokens per image): the log-probability of each token of each example's `target_image` given its
-        `input_text` and the tokens before it, with grad, under the policy that sampled it: the logits divided
-        by `sampling_temperature(example)` (group-relative policy objectives)."""
+        `input_text` and the tokens before it, with grad, under the policy that sampled it (`sampling_policy`: its
+        classifier-free guidance and temperature; group-relative policy objectives)."""
 
     def tokens_per_example(self, example: CPRExample) -> int:
         """Tokens one training example runs through the model (a preference pair: both images' sequences)."""

@@ -54,10 +54,11 @@ def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, captio
     prompts = {r["prompt_id"]: r for r in read(inputs["prompts"], ["prompt_id", "prompt", "category"]).to_pylist()}
     sel = {r["prompt_id"]: r for r in read(inputs["selections"]).to_pylist()}
     judged = read(inputs["judgements"], ["prompt_id", "sample_idx", "score", "reasoning", "parse_ok"]).to_pylist()
-    drawn = read(inputs["rollouts"], ["prompt_id", "sample_idx", "image", "temperature"]).to_pylist()
+    drawn = read(inputs["rollouts"], ["prompt_id", "sample_idx", "image", "temperature", "cfg_scale"]).to_pylist()
     images = {(r["prompt_id"], r["sample_idx"]): r["image"] for r in drawn}
     # the policy that drew each sample: GRPO's ratios are taken under it
-    temperature = {(r["prompt_id"], r["sample_idx"]): r["temperature"] for r in drawn}
+    policy = {(r["prompt_id"], r["sample_idx"]): {"temperature": r["temperature"], "cfg_scale": r["cfg_scale"]}
+              for r in drawn}
     rng = random.Random(stable_seed(cfg.seed, "reconstruct"))
 
     def ex(kind, pid, samples, **fields):
@@ -117,7 +118,7 @@ def build_examples(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, captio
             continue
         grp += [ex("group", pid, [r["sample_idx"]], input_text=prompts[pid]["prompt"],
                    target_image=images[(pid, r["sample_idx"])], score=r["score"],
-                   advantage=(r["score"] - mean) / std, temperature=temperature[(pid, r["sample_idx"])])
+                   advantage=(r["score"] - mean) / std, **policy[(pid, r["sample_idx"])])
                 for r in rows]
     return {"cpr": gen + cap + jud + ref, "dpo_pairs": dpo, "groups": grp}
 

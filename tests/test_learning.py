@@ -102,8 +102,11 @@ def test_grpo_trains_on_every_scored_rollout_of_the_groups(generated):
         assert len(adv) >= 2 and abs(sum(adv) / len(adv)) < 1e-9
         assert abs(sum(a * a for a in adv) / len(adv) - 1) < 1e-9
     # each sample's ratio is taken under the temperature that drew it (the rollout's, recorded per row)
-    drawn = {r["temperature"] for r in Dataset(refs["rollouts"]).read(["temperature"]).to_pylist()}
-    assert {json.loads(g["meta"])["temperature"] for g in groups} == drawn
+    drawn = {(r["prompt_id"], r["sample_idx"]): (r["temperature"], r["cfg_scale"]) for r in
+             Dataset(refs["rollouts"]).read(["prompt_id", "sample_idx", "temperature", "cfg_scale"]).to_pylist()}
+    for g in Dataset(refs["groups"]).read(["prompt_id", "sample_ids", "meta"]).to_pylist():
+        meta = json.loads(g["meta"])
+        assert (meta["temperature"], meta["cfg_scale"]) == drawn[(g["prompt_id"], g["sample_ids"][0])]
     out = train(refs, _posttrain_cfg(objective="grpo", steps=6, checkpoint_every=3), ctx)
     assert out["metrics"]["objective"] == "grpo" and out["checkpoint_id"] != ctx.model_id
     assert out["metrics"]["train_examples"] == sum(g["split"] == "train" for g in groups)

@@ -190,15 +190,17 @@ def test_grpo_at_the_reference_is_minus_the_mean_advantage_and_raises_the_better
     assert float(delta[:3].mean()) > 0 > float(delta[3:].mean())
 
 
-def test_embedded_group_logprobs_are_the_policy_that_sampled_them(embedded, world):
+@pytest.mark.parametrize("cfg", [1.0, 1.5])
+def test_embedded_group_logprobs_are_the_policy_that_sampled_them(embedded, world, cfg):
     """The ratios GRPO takes are under the sampler's own policy: its first token (the background) drawn 600
-    times at temperature 1.8 has the frequencies the log-probabilities say, and those probabilities, over
-    every background, sum to one (only image codes, the decode's bias, the temperature)."""
+    times at temperature 1.8 (and CFG 1.5) has the frequencies the log-probabilities say, and those
+    probabilities, over every background, sum to one (only image codes, the decode's bias, guidance, the
+    temperature)."""
     prompt, n = world[0][0], 600
-    images = embedded.generate([prompt] * n, list(range(n)), [1.0] * n, temperature=1.8)
+    images = embedded.generate([prompt] * n, list(range(n)), [cfg] * n, temperature=1.8)
     with torch.no_grad():
         lp = {t: embedded.image_token_logprobs([CPRExample("group", prompt, target_image=im,
-                                                           meta={"advantage": 0.0, "temperature": t})
+                                                           meta={"advantage": 0.0, "temperature": t, "cfg_scale": cfg})
                                                 for im in images])[:, 0] for t in (1.8, None)}
     first = embedded.image_codes(images)[:, 0].tolist()
     prob = {c: math.exp(float(lp[1.8][first.index(c)])) for c in set(first)}
@@ -209,6 +211,31 @@ def test_embedded_group_logprobs_are_the_policy_that_sampled_them(embedded, worl
     # without a recorded temperature the policy is the model at temperature 1: a sharper distribution
     top = max(prob, key=prob.get)
     assert math.exp(float(lp[None][first.index(top)])) > prob[top]
+
+
+@pytest.mark.parametrize("backend", ["embedded", "janus"])
+def test_group_logprobs_guide_between_the_unconditional_and_the_conditional_policy(backend, request, world):
+    """At CFG 0 the sampler's policy is the unconditional one, at 1 the conditional one; rows of a batch keep
+    their own scale."""
+    model = request.getfixturevalue(backend)
+    image = world[1][0] if backend == "embedded" else Image.new("RGB", (32, 32), (200, 30, 30))
+    prompt = world[0][0]
+
+    def lp(scales, text=prompt):
+        return model.image_token_logprobs([CPRExample("group", text, target_image=image,
+                                                      meta={"advantage": 0.0, "cfg_scale": s}) for s in scales])
+
+    with torch.no_grad():
+        mixed = lp([0.0, 1.0, 3.0])
+        assert mixed[1].tolist() == pytest.approx(lp([1.0])[0].tolist(), abs=1e-5)
+        if backend == "embedded":  # its unconditional row is the prompt left out
+            uncond = lp([1.0], text="")[0]
+        else:  # Janus's: the prompt's tokens padded out, as transformers draws it
+            uncond = model.image_logprob([model._gen_prefix(prompt, uncond=True)], model.image_codes([image]),
+                                         per_token=True)[0]
+        assert mixed[0].tolist() == pytest.approx(uncond.tolist(), abs=1e-5)
+        assert mixed[2].tolist() == pytest.approx(lp([3.0])[0].tolist(), abs=1e-5)
+        assert not torch.allclose(mixed[2], mixed[1])
 
 
 def test_grpo_clips_the_ratio_and_charges_kl_away_from_the_reference(embedded, world):

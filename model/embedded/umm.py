@@ -26,7 +26,7 @@ from model.embedded import sequences as S
 from model.embedded.tokenizer import PatchCodebook, Vocab
 from model.embedded.transformer import Transformer, TransformerConfig
 from model.ids import checkpoint_id
-from model.protocol import ROLES, CPRExample, Judgement, LossTerm, sampling_temperature
+from model.protocol import ROLES, CPRExample, Judgement, LossTerm, guide, sampling_policy
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -584,19 +584,25 @@ class EmbeddedUMM:
         return self.token_logprobs(prompts, images).sum(-1)
 
     def image_token_logprobs(self, examples: list[CPRExample]) -> torch.Tensor:
-        """Under the sampler's own policy: image codes only (the decode's bias included), logits divided by the
-        temperature that drew each image (`meta['temperature']`, default 1)."""
-        v = self.vocab
+        """Under the sampler's own policy (`sampling_policy`): image codes only with the decode's bias, guided
+        by each image's CFG scale (an unconditional pass for those not at 1) and divided by its temperature."""
+        v, n = self.vocab, self.codebook.tokens_per_image
         codes = self.image_codes([e.target_image for e in examples])
-        seqs = [S.generation_seq(v, self.text_ids(e.input_text), c) for e, c in zip(examples, codes)]
-        ids, tg = S.collate(seqs, v.PAD)
-        ids, tg = ids.to(self.device), tg.to(self.device)
-        n = self.codebook.tokens_per_image
-        logits = self.net(ids[:, :-1]).float()[..., v.img_offset:v.img_offset + v.n_codes]
-        logits = logits[tg[:, 1:]].view(len(seqs), n, -1) + self._image_bias()
-        temps = torch.tensor([sampling_temperature(e) for e in examples], device=logits.device)[:, None, None]
-        lp = torch.log_softmax(logits / temps, -1)
-        return lp.gather(-1, (ids[:, 1:][tg[:, 1:]].view(len(seqs), n) - v.img_offset)[..., None]).squeeze(-1)
+        temps, scales = zip(*(sampling_policy(e) for e in examples))
+
+        def image_logits(prompts: list[list[int] | None], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            ids, tg = S.collate([S.generation_seq(v, p, codes[i]) for p, i in zip(prompts, rows)], v.PAD)
+            ids, tg = ids.to(self.device), tg[:, 1:].to(self.device)
+            logits = self.net(ids[:, :-1]).float()[..., v.img_offset:v.img_offset + v.n_codes]
+            return logits[tg].view(len(rows), n, -1), ids[:, 1:][tg].view(len(rows), n) - v.img_offset
+
+        everyone = list(range(len(examples)))
+        cond, target = image_logits([self.text_ids(e.input_text) for e in examples], everyone)
+        guided = [i for i in everyone if scales[i] != 1.0]
+        uncond = image_logits([None] * len(guided), guided)[0] if guided else None
+        logits = guide(cond, uncond, list(scales), guided) + self._image_bias()
+        lp = torch.log_softmax(logits / torch.tensor(temps, device=logits.device)[:, None, None], -1)
+        return lp.gather(-1, target[..., None]).squeeze(-1)
 
     def preference_logprobs(self, examples: list[CPRExample]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(chosen, rejected, tokens per image): summed log-probabilities of target_image and of rejected_image

@@ -35,7 +35,7 @@ from configs.loader import Strict
 from model.janus import text as T
 from model.janus.rollout import ImageRollout
 from model.ids import checkpoint_id, checkpoint_id_of_file
-from model.protocol import ROLES, CPRExample, Judgement, LossTerm, sampling_temperature
+from model.protocol import ROLES, CPRExample, Judgement, LossTerm, guide, sampling_policy
 
 WEIGHTS = "model.safetensors"
 SETTINGS = "janus_umm.json"
@@ -516,20 +516,26 @@ class JanusUMM:
                     for i in range(0, y.numel(), chunk))
         return total / y.numel()
 
-    def image_logprob(self, prefixes: list[torch.Tensor], codes: torch.Tensor, per_token: bool = False,
-                      temperatures: list[float] | None = None) -> torch.Tensor:
+    def image_logprob(self, prefixes: list[torch.Tensor], codes: torch.Tensor, per_token: bool = False
+                      ) -> torch.Tensor:
         """Sum of log-probabilities of each image's codes given its prefix (B,), with grad; or each code's
-        (B, codes per image) with `per_token`; with `temperatures`, each row's logits divided by its own."""
+        (B, codes per image) with `per_token`."""
         logits = self._image_hidden(prefixes, codes).float()
-        if temperatures is not None:
-            logits = logits / torch.tensor(temperatures, device=logits.device)[:, None, None]
         lp = -F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")
         return lp if per_token else lp.sum(-1)
 
     def image_token_logprobs(self, examples: list[CPRExample]) -> torch.Tensor:
+        """Under the sampler's policy (`sampling_policy`): guided by each image's CFG scale (an unconditional pass
+        for those not at 1), divided by its temperature."""
         codes = self.image_codes([e.target_image for e in examples])
-        return self.image_logprob([self._gen_prefix(e.input_text) for e in examples], codes, per_token=True,
-                                  temperatures=[sampling_temperature(e) for e in examples])
+        temps, scales = zip(*(sampling_policy(e) for e in examples))
+        cond = self._image_hidden([self._gen_prefix(e.input_text) for e in examples], codes).float()
+        guided = [i for i, s in enumerate(scales) if s != 1.0]
+        uncond = self._image_hidden([self._gen_prefix(examples[i].input_text, uncond=True) for i in guided],
+                                    codes[guided]).float() if guided else None
+        logits = guide(cond, uncond, list(scales), guided)
+        logits = logits / torch.tensor(temps, device=logits.device)[:, None, None]
+        return -F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")
 
     def text_ce(self, prompts: list[list[int]], targets: list[list[int]], images: list[Image.Image]) -> torch.Tensor:
         """Language-model loss on the answers (each target + EOS) given image + question, right-padded."""
