@@ -53,7 +53,8 @@ def test_cycle_summary_registry_report_and_cache(tmp_path, prefect_api):
 
 
 def test_nightly_chains_cycles_and_each_recorded_stage_reruns_as_it_ran(tmp_path, prefect_api):
-    cfg = small_cfg(tmp_path, "night", gate={"min_gain": -1.0, "max_understanding_drop": 1.0})  # always promote
+    # always promote; a strict select so that some prompts fail and return (curriculum)
+    cfg = small_cfg(tmp_path, "night", gate={"min_gain": -1.0, "max_understanding_drop": 1.0}, select={"threshold": 10})
     results = nightly_flow(cfg, cycles=2)
     stamps = {ref.path: Dataset(ref).manifest().created_at for c in (0, 1)
               for node in RunRecords(str(tmp_path), "night").load(c).nodes.values() for ref in node.outputs.values()}
@@ -70,6 +71,11 @@ def test_nightly_chains_cycles_and_each_recorded_stage_reruns_as_it_ran(tmp_path
     assert rec1.checkpoint_id == results[0]["child"]["checkpoint_id"] == rec1.config["model"]["checkpoint"]
     assert rec1.carried == {k: rec0.outputs("select")[k] for k in ("discard_pool", "seed_library")}
     assert rec1.nodes["propose"].inputs["discard_pool"] == rec0.outputs("select")["discard_pool"]
+    # the curriculum: cycle 1 offered cycle 0's discard pool again, up to its share, and counted what it offered
+    pool = Dataset(rec0.outputs("select")["discard_pool"]).read().num_rows
+    share = int(cfg.propose.discard_pool_share * cfg.propose.num_prompts)
+    assert [r["generation"]["propose"]["from_discard_pool"] for r in results] == [0, min(pool, share)]
+    assert all(r["seconds"] > 0 for r in results)
 
     # each cycle's propose, select and judge rerun alone: a cache hit on the recorded data and checkpoint
     for rec in (rec0, rec1):
