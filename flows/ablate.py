@@ -1,6 +1,7 @@
-"""`selfplay ablate cpr`: generation-only SFT vs the full CPR mixture vs DPO, on the same self-generated data.
+"""`selfplay ablate cpr`: generation-only SFT vs the full CPR mixture vs DPO vs GRPO, on the same self-generated
+data, and (`--arm ceiling`) SFT on true renders of the same prompts as a reference that is not self-play.
 
-One generation side from the parent, then three children trained on it (flows/dags.py `ablation`), each
+One generation side from the parent, then one child per arm trained on it (flows/dags.py `ablation`), each
 benchmarked beside the parent, its judge measured on the parent's images, and its gate decided without moving
 the promoted pointer. UniCorn's ablation predicts that generation-only SFT erodes understanding and that the
 CPR mixture holds it while generation improves; this measures it here.
