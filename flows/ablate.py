@@ -25,7 +25,7 @@ KEEP = ("gen_acc_oracle", "und_acc_gt", "non_unification", "judge_oracle_agreeme
         "best_of_n_self", "und_acc_perturbed", JUDGE_FIXED)
 
 
-def _ci95(delta: dict) -> list[float]:
+def ci95(delta: dict) -> list[float]:
     return [round(delta["ci_low"], 4), round(delta["ci_high"], 4)]
 
 
@@ -55,8 +55,8 @@ def ablate_cpr_flow(config: CycleConfig, cpr_mixture: dict[str, float] | None = 
             out["base"] = {"checkpoint_id": gate["parent"], **{k: gate["parent_metrics"].get(k) for k in KEEP}}
         trained = child_of(record.outputs(f"posttrain_{name}")["checkpoint"])
         out[name] = {"checkpoint_id": gate["child"], **{k: gate["child_metrics"].get(k) for k in KEEP},
-                     "gen_acc_oracle_delta_ci95": _ci95(gate["deltas"]["gen"]),
-                     f"{JUDGE_FIXED}_delta_ci95": _ci95(gate["deltas"]["judge"]),
+                     "gen_acc_oracle_delta_ci95": ci95(gate["deltas"]["gen"]),
+                     f"{JUDGE_FIXED}_delta_ci95": ci95(gate["deltas"]["judge"]),
                      "train_examples": trained["metrics"]["train_examples"],
                      "mixture": arm["reconstruct"]["mixture"], "self_play": name not in ARM_EXAMPLES}
     return out

@@ -316,8 +316,10 @@ def nightly(config: ConfigPath, overrides: Overrides = None,
     results = call_flow(nightly_flow, cfg, cycles, dag=CYCLE, runs_stages=False)  # each cycle is a flow run of its own
     for summary in results:
         _print_cycle(summary)
+    from flows.ablate import ci95
+
     def ci(delta: dict) -> dict:
-        return {"delta": round(delta["delta"], 4), "ci95": [round(delta["ci_low"], 4), round(delta["ci_high"], 4)]}
+        return {"delta": round(delta["delta"], 4), "ci95": ci95(delta)}
 
     typer.echo(json.dumps([{"cycle": s["cycle"], "promoted": s["promoted"], "seconds": s["seconds"],
                             "gen_acc_oracle_change": ci(s["delta_gen_acc_oracle"]),

@@ -20,7 +20,7 @@ import pyarrow as pa
 from configs.schema import ProposeConfig, read_seed_file
 from model.protocol import require_role
 from storage import DatasetRef
-from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, prompt_id, read, stable_seed
+from tasks.stage import POOL_SOURCE, StageContext, StagePlan, StageSpec, make_plan, prompt_id, read, stable_seed
 
 MAX_PROMPT_CHARS = 300
 
@@ -115,7 +115,7 @@ def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     if "discard_pool" in p.inputs:
         pool = sorted(read(p.inputs["discard_pool"]).to_pylist(), key=lambda r: (-r["cycles_tried"], r["prompt_id"]))
         for r in pool[: int(cfg.discard_pool_share * cfg.num_prompts)]:
-            n_pool += add(r["prompt"], r["category"], "discard-pool", [])
+            n_pool += add(r["prompt"], r["category"], POOL_SOURCE, [])
     # 2. fresh proposals until enough valid unique prompts or attempts run out
     want, attempts, batch = cfg.num_prompts - n_pool, 0, 256
     max_attempts = cfg.max_attempts_factor * max(want, 1)

@@ -17,7 +17,7 @@ import pyarrow as pa
 from configs.schema import RolloutConfig
 from model.protocol import require_role
 from storage import DatasetRef, to_png
-from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, read, stable_seed
+from tasks.stage import POOL_SOURCE, StageContext, StagePlan, StageSpec, make_plan, read, stable_seed
 
 # temperature and top_k: the backend's token sampling, null for a backend that samples otherwise; `sampling`
 # holds all of its sampling parameters (JSON)
@@ -27,9 +27,6 @@ SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("se
                     ("gen_ms", pa.float32())])
 STAGE = StageSpec(name="rollout", code_version="2", section="rollout", inputs=("prompts",),
                   outputs={"rollouts": SCHEMA}, sharded=True)
-
-
-POOL_SOURCE = "discard-pool"  # propose's source of a prompt offered again
 
 
 def cfg_scales(cfg: RolloutConfig, n: int | None = None) -> list[float]:

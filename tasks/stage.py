@@ -145,6 +145,10 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+# propose's `source` of a prompt offered again from the discard pool (rollout gives it the pool's budget)
+POOL_SOURCE = "discard-pool"
+
+
 def prompt_id(text: str) -> str:
     """Stable id of a prompt: a hash of its exact text."""
     return hashlib.sha256(text.encode()).hexdigest()[:16]

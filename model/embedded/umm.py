@@ -567,17 +567,20 @@ class EmbeddedUMM:
             return sum(self.tokens_per_example(g) for g in gen)
         return sum(len(ids) for ids, _ in self.example_seqs(example)[1])
 
+    def _generation_logits(self, prompt_ids: list[list[int] | None], codes) -> tuple[torch.Tensor, ...]:
+        """One forward over generation sequences (a prompt, or None for the unconditional row, then the image's
+        codes): the logits predicting each next token (R, L-1, vocab), the next ids (R, L-1) and the mask of image
+        tokens among them (every row has exactly one image's tokens)."""
+        ids, tg = S.collate([S.generation_seq(self.vocab, p, c) for p, c in zip(prompt_ids, codes)], self.vocab.PAD)
+        ids, tg = ids.to(self.device), tg.to(self.device)
+        return self.net(ids[:, :-1]).float(), ids[:, 1:], tg[:, 1:]
+
     def token_logprobs(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         """Log-probability of each image token given its prompt and the tokens before it (B, tokens per image),
         with grad."""
-        v = self.vocab
-        codes = self.image_codes(images)
-        seqs = [S.generation_seq(v, self.text_ids(p), c) for p, c in zip(prompts, codes)]
-        ids, tg = S.collate(seqs, v.PAD)
-        ids, tg = ids.to(self.device), tg.to(self.device)
-        logits = self.net(ids[:, :-1]).float()
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return lp[tg[:, 1:]].view(len(seqs), -1)  # every row has exactly one image's tokens
+        logits, nxt, tg = self._generation_logits([self.text_ids(p) for p in prompts], self.image_codes(images))
+        lp = torch.log_softmax(logits, -1).gather(-1, nxt[..., None]).squeeze(-1)
+        return lp[tg].view(len(prompts), -1)
 
     def sequence_logprob(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         """Sum of log-probabilities of each image's tokens given its prompt (B,), with grad: for DPO."""
@@ -591,10 +594,9 @@ class EmbeddedUMM:
         temps, scales = zip(*(sampling_policy(e) for e in examples))
 
         def image_logits(prompts: list[list[int] | None], rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            ids, tg = S.collate([S.generation_seq(v, p, codes[i]) for p, i in zip(prompts, rows)], v.PAD)
-            ids, tg = ids.to(self.device), tg[:, 1:].to(self.device)
-            logits = self.net(ids[:, :-1]).float()[..., v.img_offset:v.img_offset + v.n_codes]
-            return logits[tg].view(len(rows), n, -1), ids[:, 1:][tg].view(len(rows), n) - v.img_offset
+            logits, nxt, tg = self._generation_logits(prompts, codes[rows])
+            logits = logits[..., v.img_offset:v.img_offset + v.n_codes]
+            return logits[tg].view(len(rows), n, -1), nxt[tg].view(len(rows), n) - v.img_offset
 
         everyone = list(range(len(examples)))
         cond, target = image_logits([self.text_ids(e.input_text) for e in examples], everyone)
