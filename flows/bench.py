@@ -3,6 +3,7 @@ scale` (rollout + judge in-process and on Dask workers through the runner), JSON
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -115,3 +116,46 @@ def _fixed_prompts(store: str, texts: list[str]):
     build(ref, 1, lambda _: pa.Table.from_pylist(rows, schema=SCHEMA), config={}, upstream={}, model_id=None,
           code_version="1", log=lambda _: None)
     return ref
+
+
+def bench_judge(judgements: int = 100, model_dir: str | None = None, served_name: str = "tiny-qwen2-vl",
+                concurrency: int = 8, cache: str = "./runs/vlm") -> dict:
+    """Judgements/s of the external VLM judge through each transport (a `vllm serve` endpoint on 127.0.0.1, and
+    an in-process engine of vLLM's environment), each engine's start time beside it. Default engine: the tiny
+    random Qwen2-VL that the tests serve, built once under `cache`."""
+    from PIL import Image
+
+    from model.vlm import VLMConfig
+    from model.vlm.geneval import suite_prompts
+    from model.vlm.judge import VLMJudge
+    from model.vlm.server import VLLMServer, ensure_tiny_model
+
+    directory = str(model_dir or ensure_tiny_model(f"{cache}/{served_name}"))
+    prompts = [sp.prompt for sp in suite_prompts(80, 0)]
+    prompts = [prompts[i % len(prompts)] for i in range(judgements)]
+    images = [Image.new("RGB", (64, 64), ((41 * i) % 256, (97 * i) % 256, (13 * i) % 256)) for i in range(judgements)]
+
+    def timed(vlm: VLMJudge) -> dict:
+        vlm.judge(prompts[:4], images[:4])  # warm-up: the first requests compile and allocate
+        t = time.perf_counter()
+        verdicts = vlm.judge(prompts, images)
+        s = time.perf_counter() - t
+        return {"judgements_per_s": round(len(verdicts) / s, 2), "seconds": round(s, 2),
+                "valid": sum(v.parse_ok for v in verdicts), "judgements": len(verdicts)}
+
+    out: dict = {"model": served_name, "model_dir": directory, "judgements": judgements, "cpus": os.cpu_count()}
+    server = VLLMServer(directory, served_name=served_name)
+    try:
+        start = server.start()
+        out["http"] = {"server_start_s": round(start, 2), "concurrency": concurrency,
+                       **timed(VLMJudge(VLMConfig(model=served_name, endpoint=server.url, concurrency=concurrency)))}
+    finally:
+        server.stop()
+    engine = VLMJudge(VLMConfig(model=served_name, transport="inprocess", model_dir=directory))
+    try:
+        t = time.perf_counter()
+        engine.check()
+        out["inprocess"] = {"engine_start_s": round(time.perf_counter() - t, 2), **timed(engine)}
+    finally:
+        engine.transport.close()
+    return out

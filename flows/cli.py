@@ -69,10 +69,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from flows.dags import DagError
     from flows.preflight import PreflightError
     from model.registry import UnknownBackendError
+    from model.vlm import VLMUnreachableError
     from storage import CorruptPartError, InvalidNameError, RegistryError, RunRecordError
 
     return (ConfigError, PreflightError, DagError, ClusterError, RegistryError, RunRecordError, InvalidNameError,
-            UnknownBackendError, CorruptPartError)
+            UnknownBackendError, CorruptPartError, VLMUnreachableError)
 
 
 class Interrupted(BaseException):
@@ -404,6 +405,18 @@ def bench_storage(rows: int = 20_000, parts: int = 20) -> None:
     from storage.bench import bench_storage as run
 
     typer.echo(json.dumps(run(rows=rows, parts=parts)))
+
+
+@bench_app.command("judge")
+def bench_judge(judgements: int = 100, concurrency: int = 8,
+                model_dir: Annotated[Optional[str], typer.Option(help="a VLM vLLM loads (default: the tiny random "
+                                                                  "Qwen2-VL the tests serve)")] = None,
+                served_name: str = "tiny-qwen2-vl") -> None:
+    """The external VLM judge's judgements/s through both transports (HTTP endpoint, in-process engine), JSON."""
+    from flows.bench import bench_judge as run
+
+    typer.echo(json.dumps(run(judgements=judgements, model_dir=model_dir, served_name=served_name,
+                              concurrency=concurrency)))
 
 
 @bench_app.command("stages")

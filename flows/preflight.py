@@ -82,8 +82,23 @@ def preflight(dag: Dag, cfg: CycleConfig, refresh: Iterable[str] = (), nodes: It
             raise ConfigError(f"DAG {dag.name!r}: {exc}") from None
     for n in dag.nodes:  # the oracle measures; it never chooses training data
         src = dag.bindings(n).get("judgements", ("", ""))[0] if n.stage == "select" else ""
-        if src and (nodes is None or n.id in nodes) and sections[src].judge != "self":
+        if src and (nodes is None or n.id in nodes) and sections[src].judge == "oracle":
             raise PreflightError(f"judge.judge={sections[src].judge!r} measures only: select (node {n.id!r}) "
                                  "trains on the model's own judgements; score rollouts with it alone through "
                                  "`selfplay stage judge --only judge.judge=oracle`")
     check_checkpoint(cfg)
+    check_vlm([sections[n.id] for n in dag.nodes if nodes is None or n.id in nodes])
+
+
+def check_vlm(sections: Iterable[Any]) -> None:
+    """Every external VLM the stages to run will call answers now, before any work: an HTTP endpoint serves the
+    configured model; an in-process engine's environment exists (it starts on the worker that needs it)."""
+    from model.vlm import make_vlm
+
+    wanted = {}
+    for sec in sections:
+        for s in (sec.values() if isinstance(sec, dict) else [sec]):
+            if getattr(s, "judge", None) == "vlm" or getattr(s, "evaluator", None) == "vlm":
+                wanted[s.vlm.model_dump_json()] = s.vlm
+    for vlm in wanted.values():
+        make_vlm(vlm).check(start=False)

@@ -1,7 +1,8 @@
-"""Judges by name: 'self' (the model's own understanding) and 'oracle' (the embedded world's exact oracle).
+"""Judges by name: 'self' (the model's own understanding), 'oracle' (the embedded world's exact oracle) and 'vlm'
+(an external VLM served by vLLM, model/vlm).
 
-The oracle measures; it never feeds training data during self-play: `tasks/select` refuses any judge but 'self'
-(tasks/select.py).
+The oracle measures; it never feeds training data: `tasks/select` refuses it. A 'vlm' judge may select, as a
+teacher: such a run is labelled teacher-judged, not self-play, in its selections and report.
 """
 
 from __future__ import annotations
@@ -43,12 +44,23 @@ class OracleJudge:
         return out
 
 
-JUDGES = ("self", "oracle")
+JUDGES = ("self", "oracle", "vlm")
 
 
-def make_judge(name: str, ctx: Any) -> Judge:
+def is_teacher(judge_id: str) -> bool:
+    """An external judge whose scores may select training data (a teacher-judged run, not self-play)."""
+    return judge_id.startswith("vlm:")
+
+
+def make_judge(name: str, ctx: Any, vlm: Any = None) -> Judge:
     if name == "self":
         return SelfJudge(ctx.model)
     if name == "oracle":
         return OracleJudge()
-    raise ValueError(f"unknown judge {name!r}: expected 'self' or 'oracle'")
+    if name == "vlm":
+        from model.vlm import make_vlm
+
+        judge = make_vlm(vlm)
+        judge.check()  # one clear error before any image is sent
+        return judge
+    raise ValueError(f"unknown judge {name!r}: expected one of {', '.join(JUDGES)}")

@@ -16,7 +16,7 @@ import pyarrow as pa
 from configs.schema import BenchmarkConfig, GateConfig
 from storage import DatasetRef, Registry
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read, read_row
-from tasks.stats import headline, paired_delta, per_prompt
+from tasks.stats import evaluator_name, headline, paired_delta, per_prompt
 
 # the judge on the parent's images (a child's own images differ from its parent's: this holds them fixed)
 JUDGE_FIXED = "judge_agreement_on_parent_images"
@@ -54,10 +54,11 @@ def _decision(inputs: dict[str, DatasetRef], cfg: dict) -> dict:
     judged = read(inputs["judge_on_images"]).to_pylist()
     parent_m, child_m = headline(read(inputs["parent_benchmark"]).to_pylist()), headline(
         read(inputs["child_benchmark"]).to_pylist())
-    parent_m[JUDGE_FIXED] = parent_m["judge_oracle_agreement"]  # on its own images, which are the fixed ones
-    child_m[JUDGE_FIXED] = round(float(per_prompt(judged, b.threshold)["judge_oracle_agreement"].mean()), 4)
+    agreement = f"judge_{evaluator_name(parent_items)}_agreement"  # with the benchmark's evaluator
+    parent_m[JUDGE_FIXED] = parent_m[agreement]  # on its own images, which are the fixed ones
+    child_m[JUDGE_FIXED] = round(float(per_prompt(judged, b.threshold)[agreement].mean()), 4)
     passed, why, deltas = decide(parent_items, child_items, g, b)
-    deltas["judge"] = paired_delta(parent_items, judged, "judge_oracle_agreement", b)
+    deltas["judge"] = paired_delta(parent_items, judged, agreement, b)
     child = read_row(inputs["checkpoint"])["checkpoint_id"]
     return {"parent": parent_items[0]["checkpoint_id"], "child": child, "passed": passed, "reason": why,
             "parent_metrics": json.dumps(parent_m), "child_metrics": json.dumps(child_m), "deltas": json.dumps(deltas)}

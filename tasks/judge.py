@@ -16,7 +16,7 @@ from configs.loader import canonical_json
 from configs.schema import JudgeConfig
 from model.judges import make_judge
 from storage import Dataset, DatasetRef, from_png
-from tasks.stage import StageContext, StagePlan, StageSpec, make_plan, read
+from tasks.stage import StageContext, StagePlan, StageSpec, config_dict, make_plan, read
 
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("judge_id", pa.string()),
                     ("rubric", pa.string()), ("reasoning", pa.string()), ("score", pa.int32()),
@@ -29,12 +29,14 @@ def plan(inputs: dict[str, DatasetRef], cfg: JudgeConfig, ctx: StageContext) -> 
     n = len(Dataset(inputs["rollouts"]).manifest().parts)  # one judge shard per rollout part
     # only the model's own judge depends on the checkpoint
     ctx_ = ctx if cfg.judge == "self" else dataclasses.replace(ctx, model_id=None)
-    return make_plan(STAGE, inputs, cfg.model_dump(mode="json", exclude={"batch_size"}), ctx_, n_parts=n, cfg=cfg)
+    # batch size is speed only; an unset vlm section keeps the fingerprints judges had before it existed
+    key = {k: v for k, v in config_dict(cfg).items() if k != "batch_size" and not (k == "vlm" and v is None)}
+    return make_plan(STAGE, inputs, key, ctx_, n_parts=n, cfg=cfg)
 
 
 def compute_part(p: StagePlan, i: int, ctx: StageContext) -> pa.Table:
     cfg: JudgeConfig = p.extra["cfg"]
-    judge = make_judge(cfg.judge, ctx)
+    judge = make_judge(cfg.judge, ctx, cfg.vlm)
     rollouts = Dataset(p.inputs["rollouts"]).read_part(i, ["prompt_id", "sample_idx", "image"]).to_pylist()
     text = {r["prompt_id"]: r["prompt"] for r in read(p.inputs["prompts"], ["prompt_id", "prompt"]).to_pylist()}
     rubric_text = canonical_json(cfg.rubric)

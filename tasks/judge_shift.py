@@ -16,14 +16,14 @@ from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read
 from tasks.stats import ITEMS
 
 SHARED_RUN = "benchmarks"  # the same judge on the same images gives the same scores in every run
-STAGE = StageSpec(name="judge_shift", code_version="1", section="benchmark", inputs=("benchmark_items",),
+STAGE = StageSpec(name="judge_shift", code_version="2", section="benchmark", inputs=("benchmark_items",),
                   outputs={"judge_on_images": ITEMS})
 
 
 def rejudge(model, rows: list[dict]) -> list[dict]:
     """`rows` (benchmark items of any checkpoint) with their images scored by `model`'s judge instead."""
     flat = [(i, s) for i, r in enumerate(rows) for s in range(len(r["images"] or []))]
-    if len(flat) != sum(len(r["oracle_ok"]) for r in rows):
+    if len(flat) != sum(len(r["evaluator_ok"]) for r in rows):
         raise ValueError("judge_shift: these benchmark items carry no images (benchmarked before items kept them)")
     own = model.judge([rows[i]["prompt"] for i, _ in flat], [from_png(rows[i]["images"][s]) for i, s in flat], None)
     scores: list[list[int]] = [[] for _ in rows]

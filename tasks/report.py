@@ -21,19 +21,21 @@ import json  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 
+from model.judges import is_teacher  # noqa: E402
 from storage import Dataset, DatasetRef, Registry, Store, from_png  # noqa: E402
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, part_stats, read, read_row  # noqa: E402
 
 # the judge on the parent's images (the gate's name for it)
 JUDGE_FIXED = "judge_agreement_on_parent_images"
 REPORT = pa.schema([("summary", pa.string()), ("markdown", pa.string()), ("table", pa.string())])
-STAGE = StageSpec(name="report", code_version="1", section=None,
+STAGE = StageSpec(name="report", code_version="2", section=None,
                   inputs=("gate", "checkpoint", "prompts", "rollouts", "judgements", "selections",
                           "parent_benchmark", "child_benchmark"),
                   outputs={"report": REPORT}, model=False, artifact="report")
-TABLE_METRICS = ("gen_acc_oracle", "best_of_n_self", "pass_at_n_oracle", "und_acc_gt", "und_acc_perturbed",
-                 "non_unification", "weak_generation_share", "judge_oracle_agreement", JUDGE_FIXED,
-                 "unicycle_soft", "unicycle_hard")
+# the ShapeWorld suite's metrics are measured by the world's oracle, the real-model suite's by an external VLM
+TABLE_METRICS = ("gen_acc_oracle", "gen_acc_vlm", "best_of_n_self", "pass_at_n_oracle", "pass_at_n_vlm",
+                 "und_acc_gt", "und_acc_perturbed", "und_acc_vlm", "non_unification", "weak_generation_share",
+                 "judge_oracle_agreement", "judge_vlm_agreement", JUDGE_FIXED, "unicycle_soft", "unicycle_hard")
 
 
 def _png(fig) -> bytes:
@@ -46,15 +48,20 @@ def _png(fig) -> bytes:
 def comparison_rows(parent: dict, child: dict) -> list[dict]:
     return [{"metric": m, "parent": parent.get(m), "child": child.get(m),
              "delta": None if parent.get(m) is None or child.get(m) is None else round(child[m] - parent[m], 4)}
-            for m in TABLE_METRICS]
+            for m in TABLE_METRICS if m in parent or m in child]
 
 
 def _per_category(ref: DatasetRef, metric: str) -> dict[str, float]:
     return {r["category"]: r["value"] for r in read(ref).to_pylist() if r["metric"] == metric and r["category"] != "all"}
 
 
-def plot_categories(parent_ref: DatasetRef, child_ref: DatasetRef, metric: str = "gen_acc_oracle") -> bytes:
-    a, b = _per_category(parent_ref, metric), _per_category(child_ref, metric)
+def plot_categories(parent_ref: DatasetRef, child_ref: DatasetRef) -> bytes:
+    metric = "gen_acc_oracle"
+    a = _per_category(parent_ref, metric)
+    if not a:  # the real-model suite's evaluator is a VLM
+        metric = "gen_acc_vlm"
+        a = _per_category(parent_ref, metric)
+    b = _per_category(child_ref, metric)
     cats = sorted(a)
     x = np.arange(len(cats))
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -71,7 +78,8 @@ def plot_categories(parent_ref: DatasetRef, child_ref: DatasetRef, metric: str =
 def plot_history(history: list[dict]) -> bytes:
     """Metrics across cycles (history rows: cycle, and metric values of the checkpoint after that cycle)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in ("gen_acc_oracle", "und_acc_gt", "judge_oracle_agreement", JUDGE_FIXED, "unicycle_soft"):
+    for m in ("gen_acc_oracle", "gen_acc_vlm", "und_acc_gt", "und_acc_vlm", "judge_oracle_agreement",
+              "judge_vlm_agreement", JUDGE_FIXED, "unicycle_soft"):
         ys = [h.get(m) for h in history]
         if any(y is not None for y in ys):
             ax.plot([h["cycle"] for h in history], ys, marker="o", label=m)
@@ -119,8 +127,9 @@ def markdown(run: str, cycle: int, rows: list[dict], why: str, deltas: dict, fil
                   f"(95 % bootstrap CI [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}])."]
     if "judge" in deltas:
         j = deltas["judge"]
+        by = "the oracle" if "oracle" in j["metric"] else "the external VLM"
         lines += ["", f"The judge alone (child's judge vs parent's, both on the parent's images): agreement with "
-                      f"the oracle {j['delta']:+.4f} (95 % CI [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}])."]
+                      f"{by} {j['delta']:+.4f} (95 % CI [{j['ci_low']:+.4f}, {j['ci_high']:+.4f}])."]
     lines += [""]
     lines += [f"![{name}]({fname})" for name, fname in files.items()]
     return "\n".join(lines) + "\n"
@@ -137,13 +146,23 @@ def summary(inputs: dict[str, DatasetRef], ctx: StageContext) -> dict:
     """The cycle in one JSON object: what the CLI prints and the flows return."""
     gate = read_row(inputs["gate"], ("parent_metrics", "child_metrics", "deltas"))
     trained = read_row(inputs["checkpoint"], ("metrics",))
+    judges = sorted(set(read(inputs["judgements"], ["judge_id"]).column("judge_id").to_pylist()))
     return {"parent": {"checkpoint_id": gate["parent"], **gate["parent_metrics"]},
             "child": {"checkpoint_id": gate["child"], **gate["child_metrics"]},
             "promoted": gate["passed"], "reason": gate["reason"], "run": ctx.run, "cycle": ctx.cycle,
             "delta_gen_acc_oracle": gate["deltas"]["gen"], "delta_judge_on_parent_images": gate["deltas"]["judge"],
             "posttrain": {k: trained["metrics"].get(k) for k in ("train_s", "tokens_per_s", "heldout_before",
                                                                  "heldout_after", "world_size", "train_examples")},
-            "generation": {"propose": part_stats(inputs["prompts"]), "judge": part_stats(inputs["judgements"])}}
+            "generation": {"propose": part_stats(inputs["prompts"]), "judge": part_stats(inputs["judgements"])},
+            "selected_by": judges, "self_play": not any(is_teacher(j) for j in judges)}
+
+
+def teacher_flags(s: dict) -> list[str]:
+    """The label a teacher-judged cycle carries wherever its report is read."""
+    if s["self_play"]:
+        return []
+    return [f"**Teacher-judged, not self-play:** training data was selected by {', '.join(s['selected_by'])}, an "
+            "external judge; gains here are not the model's own."]
 
 
 def _inline(md: str, pngs: dict[str, bytes]) -> str:
@@ -166,7 +185,7 @@ def run(inputs: dict[str, DatasetRef], cfg: None, ctx: StageContext, refresh: bo
         rows = comparison_rows(s["parent"], s["child"])
         md = markdown(ctx.run, ctx.cycle, rows, s["reason"], {"gen": s["delta_gen_acc_oracle"],
                                                               "judge": s["delta_judge_on_parent_images"]},
-                      {v: k for k, v in PLOTS.items()}, flags=[])
+                      {v: k for k, v in PLOTS.items()}, flags=teacher_flags(s))
         store = Store(ctx.store)
         for name, data in {**pngs, "report.md": md.encode()}.items():
             store.atomic_write(f"{folder}/{name}", data)

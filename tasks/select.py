@@ -2,8 +2,9 @@
 
 Per prompt, the best-scored sample is kept if its score reaches the threshold; ties are broken by a seeded RNG.
 Prompts with no accepted sample go to the discard pool, which the next cycle's propose offers again
-(curriculum); accepted prompts with top scores grow the seed library. Only judge 'self' may select: the
-oracle measures, it never chooses training data.
+(curriculum); accepted prompts with top scores grow the seed library. The model's own judge ('self') selects;
+an external VLM judge ('vlm:*') may too, as a teacher (the cycle's report says it is not self-play); the oracle
+measures, it never chooses training data.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from configs.schema import SelectConfig
+from model.judges import is_teacher
 from storage import DatasetRef
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read, stable_seed
 
@@ -48,9 +50,10 @@ def run(inputs: dict[str, DatasetRef], cfg: SelectConfig, ctx: StageContext,
     """Returns refs of three datasets: selections, discard_pool and seed_library."""
     judged = read(inputs["judgements"], ["prompt_id", "sample_idx", "judge_id", "score"]).to_pylist()
     judges = {r["judge_id"] for r in judged}
-    if judges != {"self"}:
-        raise ValueError(f"select: judgements come from {sorted(judges)}; only the model's own judge ('self') "
-                         "may select training data")
+    if len(judges) != 1 or not (judges == {"self"} or is_teacher(next(iter(judges)))):
+        raise ValueError(f"select: judgements come from {sorted(judges)}; training data is selected by one judge: "
+                         "the model's own ('self'), or an external VLM as a teacher ('vlm:*'); the oracle only "
+                         "measures")
     prompts = {r["prompt_id"]: r for r in read(inputs["prompts"], ["prompt_id", "prompt", "category"]).to_pylist()}
     scores: dict[str, dict[int, int | None]] = defaultdict(dict)
     for r in judged:

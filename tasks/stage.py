@@ -86,8 +86,14 @@ class StagePlan:
 
 
 def config_dict(cfg: Any) -> Any:
+    """A config as fingerprinted: JSON values, without the fields a model lists as `speed_only` (how fast or from
+    where, never what comes out)."""
     if isinstance(cfg, BaseModel):
-        return cfg.model_dump(mode="json")
+        out = cfg.model_dump(mode="json", exclude=set(getattr(cfg, "speed_only", ())))
+        for k in out:
+            if isinstance(getattr(cfg, k, None), BaseModel):
+                out[k] = config_dict(getattr(cfg, k))
+        return out
     if isinstance(cfg, dict):
         return {k: config_dict(v) for k, v in cfg.items()}
     return cfg

@@ -9,30 +9,44 @@ import pyarrow as pa
 from configs.schema import BenchmarkConfig
 from tasks.stage import stable_seed
 
-# benchmark items: one row per suite prompt of one checkpoint, with its images (benchmark, judge_shift)
+# benchmark items: one row per suite prompt of one checkpoint, with its images (benchmark, judge_shift).
+# `evaluator` measured them: 'oracle' (the world's, ShapeWorld suite) or 'vlm:<model>' (GenEval-style suite);
+# `evaluator_ok` is its verdict per image. `und_true` is understanding on true renders (ShapeWorld), or the model's
+# answers agreeing with the evaluator's on the model's own images (no true renders exist for a real suite);
+# `und_perturbed` only exists where the world can perturb a scene.
 ITEMS = pa.schema([("prompt_id", pa.string()), ("category", pa.string()), ("prompt", pa.string()),
-                   ("oracle_ok", pa.list_(pa.bool_())), ("self_score", pa.list_(pa.int32())),
+                   ("evaluator", pa.string()), ("evaluator_ok", pa.list_(pa.bool_())),
+                   ("self_score", pa.list_(pa.int32())),
                    ("unicycle_soft", pa.float64()), ("unicycle_hard", pa.float64()),
                    ("und_true", pa.float64()), ("und_perturbed", pa.float64()), ("checkpoint_id", pa.string()),
                    ("images", pa.list_(pa.binary()))])
 
 
+def evaluator_name(rows: list[dict]) -> str:
+    """'oracle' or 'vlm': what the metrics of these items are named after."""
+    return "vlm" if rows and rows[0]["evaluator"].startswith("vlm:") else "oracle"
+
+
 def per_prompt(rows: list[dict], threshold: float) -> dict[str, np.ndarray]:
     """Per-prompt values of each metric (means over that prompt's samples), aligned with `rows`."""
-    ok = np.array([r["oracle_ok"] for r in rows], dtype=float)
+    ok = np.array([r["evaluator_ok"] for r in rows], dtype=float)
     score = np.array([r["self_score"] for r in rows], dtype=float)
     rej = score < threshold
     best = np.argmax(np.where(score < 0, -np.inf, score), axis=1)
+    ev = evaluator_name(rows)
+    understanding = {"und_acc_gt": np.array([r["und_true"] for r in rows]),
+                     "und_acc_perturbed": np.array([r["und_perturbed"] for r in rows], dtype=float)}
+    if ev == "vlm":
+        understanding = {"und_acc_vlm": understanding["und_acc_gt"]}
     return {
-        "gen_acc_oracle": ok.mean(1),
+        f"gen_acc_{ev}": ok.mean(1),
         "best_of_n_self": ok[np.arange(len(rows)), best],
-        "pass_at_n_oracle": ok.max(1),
+        f"pass_at_n_{ev}": ok.max(1),
         "non_unification": rej.mean(1),
-        "judge_oracle_agreement": ((~rej) == ok.astype(bool)).mean(1),
+        f"judge_{ev}_agreement": ((~rej) == ok.astype(bool)).mean(1),
         "unicycle_soft": np.array([r["unicycle_soft"] for r in rows]),
         "unicycle_hard": np.array([r["unicycle_hard"] for r in rows]),
-        "und_acc_gt": np.array([r["und_true"] for r in rows]),
-        "und_acc_perturbed": np.array([r["und_perturbed"] for r in rows]),
+        **understanding,
         # ratio metric: rejected images the oracle also rejects (weights per image, not per prompt)
         "_rejected": rej.sum(1), "_weak": (rej & ~ok.astype(bool)).sum(1),
     }

@@ -10,20 +10,24 @@ a sixth of a large category allows would take most of what the model proposes th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 
 import pyarrow as pa
 
 from configs.schema import SUITE_MAX_PER_CATEGORY, BenchmarkConfig
+from model.vlm import geneval
 from storage import DatasetRef
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, stable_seed
 
 SUITE = "shapeworld-heldout-v2"
 SHARED_RUN = "benchmarks"  # the suite depends on its config only: one copy, reused by every run
 
+# `questions` (JSON: text, choices, answer per question) only for the real-model suite, whose evaluator answers them
 SCHEMA = pa.schema([("prompt_id", pa.string()), ("category", pa.string()), ("prompt", pa.string()),
-                    ("suite", pa.string())])
-STAGE = StageSpec(name="suite", code_version="2", section="benchmark", outputs={"suite": SCHEMA, "heldout": SCHEMA},
+                    ("suite", pa.string()), ("questions", pa.string())])
+STAGE = StageSpec(name="suite", code_version="3", section="benchmark", outputs={"suite": SCHEMA, "heldout": SCHEMA},
                   model=False)
 
 
@@ -44,9 +48,19 @@ def suite_prompts(cfg: BenchmarkConfig, full: bool = False) -> list[tuple[str, s
     return out
 
 
+def geneval_rows(cfg: BenchmarkConfig, full: bool) -> list[dict]:
+    """The GenEval-style suite (model/vlm/geneval.py): its largest size is what its smallest category offers."""
+    size = min(*geneval.CAPACITY.values(), SUITE_MAX_PER_CATEGORY) if full else cfg.prompts_per_category
+    return [{"prompt_id": str(stable_seed(geneval.SUITE, sp.prompt)), "category": sp.category, "prompt": sp.prompt,
+             "suite": geneval.SUITE, "questions": json.dumps([dataclasses.asdict(q) for q in sp.questions])}
+            for sp in geneval.suite_prompts(size, cfg.suite_seed)]
+
+
 def _table(cfg: BenchmarkConfig, full: bool) -> pa.Table:
-    return pa.Table.from_pylist([{"prompt_id": str(stable_seed(SUITE, p)), "category": c, "prompt": p, "suite": SUITE}
-                                 for c, p in suite_prompts(cfg, full)], schema=SCHEMA)
+    if cfg.suite == "geneval":
+        return pa.Table.from_pylist(geneval_rows(cfg, full), schema=SCHEMA)
+    return pa.Table.from_pylist([{"prompt_id": str(stable_seed(SUITE, p)), "category": c, "prompt": p, "suite": SUITE,
+                                  "questions": None} for c, p in suite_prompts(cfg, full)], schema=SCHEMA)
 
 
 def run(inputs: dict[str, DatasetRef], cfg: BenchmarkConfig, ctx: StageContext,
@@ -54,7 +68,7 @@ def run(inputs: dict[str, DatasetRef], cfg: BenchmarkConfig, ctx: StageContext,
     out = {}
     for name, full in (("suite", False), ("heldout", True)):
         # only what chooses the prompts enters the fingerprint: the full suite is the same at every size
-        key = {"suite": SUITE, "suite_seed": cfg.suite_seed,
+        key = {"suite": {"shapeworld": SUITE, "geneval": geneval.SUITE}[cfg.suite], "suite_seed": cfg.suite_seed,
                "prompts_per_category": None if full else cfg.prompts_per_category}
         p = make_plan(STAGE, inputs, key, ctx, dataset=name, shared_run=SHARED_RUN)
         out[name] = build_plan(p, lambda _, full=full: _table(cfg, full), ctx, refresh)

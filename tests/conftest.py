@@ -47,3 +47,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_VLM = "tiny-qwen2-vl"  # the served name of the test VLM
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """A tiny random-weight Qwen2-VL (real architecture, toy sizes) built locally in vLLM's environment."""
+    from model.vlm.server import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("vlm") / TINY_VLM)
+
+
+@pytest.fixture(scope="session")
+def vlm_server(tiny_vlm_dir):
+    """A real `vllm serve` engine (vLLM's CPU build) on 127.0.0.1, serving the tiny VLM for the session."""
+    from model.vlm.server import VLLMServer
+
+    server = VLLMServer(tiny_vlm_dir, served_name=TINY_VLM)
+    server.start()
+    yield server
+    server.stop()

@@ -44,7 +44,7 @@ def shifted_judge(base: EmbeddedUMM) -> EmbeddedUMM:
 def test_items_keep_their_images_and_the_same_judge_rescores_them_identically(base, items):
     _, ref = items
     rows = read(ref).to_pylist()
-    assert all(len(r["images"]) == len(r["oracle_ok"]) == CFG.samples for r in rows)
+    assert all(len(r["images"]) == len(r["evaluator_ok"]) == CFG.samples for r in rows)
     again = rejudge(base, rows)
     assert [r["self_score"] for r in again] == [r["self_score"] for r in rows]  # PNG keeps the images exact
 
@@ -58,7 +58,7 @@ def test_judge_on_images_measures_another_judge_on_the_same_images(base, items):
     judged = read(out["judge_on_images"]).to_pylist()
     assert {r["checkpoint_id"] for r in author} == {base.model_id}
     assert {r["checkpoint_id"] for r in judged} == {other.model_id}
-    assert [r["oracle_ok"] for r in judged] == [r["oracle_ok"] for r in author]  # same images, same truth
+    assert [r["evaluator_ok"] for r in judged] == [r["evaluator_ok"] for r in author]  # same images, same truth
     assert [r["self_score"] for r in judged] != [r["self_score"] for r in author]
     d = paired_delta(author, judged, "judge_oracle_agreement", CFG)
     assert d["ci_low"] - 1e-9 <= d["delta"] <= d["ci_high"] + 1e-9

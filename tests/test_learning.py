@@ -186,13 +186,13 @@ def test_freeze_keeps_matching_parameters_fixed_and_names_a_bad_pattern(generate
 
 
 def test_the_oracle_never_weights_training_data(generated):
-    """GRPO's advantages come from reconstruct, not select: scores by any judge but the model's own are refused
-    there too, before any example is written."""
+    """GRPO's advantages come from reconstruct, not select: the oracle's scores are refused there too, before any
+    example is written."""
     store, cfg, ctx, refs = generated
     oracle = run_in_process(judge, {k: refs[k] for k in ("prompts", "rollouts")},
                             cfg.judge.model_copy(update={"judge": "oracle"}), ctx)["judgements"]
     inputs = {**{k: refs[k] for k in ("prompts", "rollouts", "selections")}, "judgements": oracle}
     before = sorted(p.name for p in Path(store, "learn").iterdir())
-    with pytest.raises(ValueError, match="only the model's own judge"):
+    with pytest.raises(ValueError, match="the oracle only measures"):
         reconstruct.run(inputs, cfg.reconstruct, ctx)
     assert sorted(p.name for p in Path(store, "learn").iterdir()) == before, "nothing half-written"

@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 import pyarrow as pa
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -111,7 +112,7 @@ def invalid_values(section: str, name: str, ann: typing.Any, meta: list) -> st.S
     if (section, name) == ("run", "cluster"):
         return TEXT.filter(lambda v: v not in ("local", "dask")) | st.integers()
     if (section, name) == ("judge", "judge"):
-        return TEXT.filter(lambda v: v not in ("self", "oracle"))
+        return TEXT.filter(lambda v: v not in ("self", "oracle", "vlm"))
     if (section, name) == ("model", "backend"):
         from model.registry import names
         return TEXT.filter(lambda v: v not in names()) | st.integers()
@@ -133,6 +134,8 @@ def invalid_values(section: str, name: str, ann: typing.Any, meta: list) -> st.S
         return st.booleans() | st.integers(max_value=0) | TEXT.filter(lambda v: v != "auto")
     if ann is dict:
         return st.integers() | TEXT | st.lists(st.integers(), min_size=1, max_size=2)
+    if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):  # a nested section (vlm): not a mapping, or
+        return st.integers() | TEXT | st.fixed_dictionaries({"model": st.integers()})  # a mapping with a bad field
     if origin is dict:
         bad_value = (st.booleans() | TEXT | NONFINITE) if args[1] is float else (st.booleans() | TEXT | st.integers(max_value=0))
         key = st.sampled_from(typing.get_args(args[0])) if typing.get_origin(args[0]) is typing.Literal \
@@ -193,9 +196,16 @@ def test_the_gate_metrics_are_the_benchmarks_paired_metrics(tmp_path):
     from configs.schema import PairedMetric
     from tasks.stats import per_prompt
 
-    row = {"oracle_ok": [True, False], "self_score": [8, 3], "unicycle_soft": 1.0, "unicycle_hard": 1.0,
-           "und_true": 1.0, "und_perturbed": 0.0}
-    assert set(typing.get_args(PairedMetric)) == {k for k in per_prompt([row], 7.0) if not k.startswith("_")}
+    from configs.schema import evaluator_metrics
+
+    row = {"evaluator": "oracle", "evaluator_ok": [True, False], "self_score": [8, 3], "unicycle_soft": 1.0,
+           "unicycle_hard": 1.0, "und_true": 1.0, "und_perturbed": 0.0}
+    vlm_row = {**row, "evaluator": "vlm:judge", "und_perturbed": None}
+    measured = {ev: {k for k in per_prompt([r], 7.0) if not k.startswith("_")}
+                for ev, r in (("oracle", row), ("vlm", vlm_row))}
+    assert set(typing.get_args(PairedMetric)) == measured["oracle"] | measured["vlm"]
+    for ev, other in (("oracle", "vlm"), ("vlm", "oracle")):  # each evaluator's own metrics, and only those
+        assert set(evaluator_metrics(ev)) == measured[ev] - measured[other]
 
 
 # --- one meaning per path ----------------------------------------------------------------------------------------

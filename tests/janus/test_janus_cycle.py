@@ -1,7 +1,10 @@
 """A tiny random Janus through one whole self-play cycle as a real Prefect flow run: propose, rollout, judge
-(by the model itself), select, reconstruct (all four CPR kinds), DeepSpeed post-training, benchmark, gate."""
+(by the model itself), select, reconstruct (all four CPR kinds), DeepSpeed post-training, benchmark on the
+real-model suite with a real vLLM engine as its evaluator (a tiny random Qwen2-VL), gate."""
 
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from configs.loader import load_config
 from configs.schema import CycleConfig
@@ -10,13 +13,22 @@ from storage import Registry
 from tests.janus.conftest import RECIPE
 
 
-def test_tiny_janus_cycle(tmp_path, prefect_api):
-    cfg = load_config(RECIPE, CycleConfig, [f"run.store={tmp_path}"])
+def test_tiny_janus_cycle(tmp_path, prefect_api, vlm_server):
+    cfg = load_config(RECIPE, CycleConfig, [f"run.store={tmp_path}", f"benchmark.vlm.endpoint={vlm_server.url}"])
     s = cycle_flow(cfg)
     assert s["generation"]["judge"].get("unparsed", 0) == 0  # the constrained judge always gives a score
+    assert s["self_play"] and s["selected_by"] == ["self"]
     for side in ("parent", "child"):
-        for k in ("gen_acc_oracle", "und_acc_gt", "non_unification"):
+        for k in ("gen_acc_vlm", "und_acc_vlm", "non_unification", "unicycle_soft", "unicycle_hard",
+                  "judge_vlm_agreement"):
             assert 0.0 <= s[side][k] <= 1.0
+        assert "gen_acc_oracle" not in s[side] and "und_acc_gt" not in s[side]  # no oracle measures a real model
+    assert s["delta_gen_acc_oracle"]["metric"] == "gen_acc_vlm"  # the gate's paired difference
+    items = [r for f in Path(tmp_path, "benchmarks").glob("benchmark_items-*/part-*.parquet")
+             for r in pq.read_table(f).to_pylist()]
+    assert {r["evaluator"] for r in items} == {"vlm:tiny-qwen2-vl"}
+    assert {r["category"] for r in items} == {"single_object", "two_object", "counting", "colors", "position",
+                                              "color_attr"}
     reg = Registry(str(tmp_path))
     child = reg.require(s["child"]["checkpoint_id"])
     assert child.parent == s["parent"]["checkpoint_id"] != s["child"]["checkpoint_id"]
