@@ -54,6 +54,9 @@ def refused(args: list[str], store: Path) -> str:
     ("model.registry_line=../x", "registry_line '../x'"),
     ("stages.scale={paint: 2}", "stages.scale names ['paint']"),
     ("run.cluster=somewhere", "run.cluster"),
+    ("benchmark.suite=geneval", "suite 'geneval' is measured by evaluator 'vlm'"),
+    ("judge.judge=vlm", "judge 'vlm' needs a vlm section"),
+    ("judge.vlm={model: x, endpoint: ftp://h}", "expected an http(s):// base URL"),
 ])
 def test_a_bad_value_is_one_line_before_any_work(tmp_path, override, named):
     store = tmp_path / "store"

@@ -27,9 +27,6 @@ SCHEMA = {
 }
 N = 10
 
-pytestmark = pytest.mark.skipif(not os.path.exists(vllm_python()), reason="no vLLM environment: run `make vllm`")
-
-
 def _data_url(i: int) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (48 + 8 * (i % 3), 64), ((53 * i) % 256, (97 * i) % 256, (31 * i) % 256)).save(buf, "PNG")

@@ -36,3 +36,30 @@ def test_tiny_janus_cycle(tmp_path, prefect_api, vlm_server):
     post = s["posttrain"]
     assert post["train_s"] > 0 and set(post["heldout_after"]) <= {"generation", "caption", "judgement", "reflection"}
     assert Path(s["report"]).exists()
+
+
+def test_a_teacher_judged_cycle_is_labelled_not_self_play(tmp_path, prefect_api, vlm_server):
+    """judge.judge=vlm: the external VLM selects the training data; the cycle runs, and its summary and report say
+    it is not self-play."""
+    vlm = "{model: tiny-qwen2-vl, endpoint: '%s'}" % vlm_server.url
+    cfg = load_config(RECIPE, CycleConfig, [f"run.store={tmp_path}", f"benchmark.vlm.endpoint={vlm_server.url}",
+                                            "judge.judge=vlm", f"judge.vlm={vlm}"])
+    s = cycle_flow(cfg)
+    assert not s["self_play"] and s["selected_by"] == ["vlm:tiny-qwen2-vl"]
+    report = Path(s["report"]).read_text()
+    assert "Teacher-judged, not self-play" in report and "vlm:tiny-qwen2-vl" in report.split("\n\n")[2]
+
+
+def test_an_unreachable_evaluator_is_one_line_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from model.vlm.server import free_port
+
+    store = tmp_path / "store"
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    res = CliRunner().invoke(app, ["run", str(RECIPE), f"run.store={store}", f"benchmark.vlm.endpoint={url}"])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: vlm judge: the endpoint") and url in lines[0]
+    assert not store.exists() or not any(store.rglob("*.parquet"))
