@@ -69,12 +69,13 @@ test: install vllm
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
-bench: install
+bench: install vllm
 	@mkdir -p runs/bench
 	$(VENV)/bin/selfplay bench storage | tail -n 1 | tee runs/bench/storage.json
 	$(VENV)/bin/selfplay bench rollout | tail -n 1 | tee runs/bench/rollout.json
 	$(VENV)/bin/selfplay bench stages | tail -n 1 | tee runs/bench/stages.json
 	$(VENV)/bin/selfplay bench scale configs/cycle/tiny.yaml rollout.prompts_per_shard=16 --prompts 128 | tail -n 1 | tee runs/bench/scale.json
+	$(VENV)/bin/selfplay bench judge | tail -n 1 | tee runs/bench/judge.json
 
 ui: install
 	$(PY) -m flows.ui

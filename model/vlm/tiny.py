@@ -78,7 +78,9 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def _tokenizer():
+def tiny_qwen2_tokenizer():
+    """A byte-level BPE tokenizer with Qwen2(-VL)'s special tokens and chat template, trained on a fixed corpus: the same
+    on every machine (no tokenizer files ship in any package)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -120,7 +122,7 @@ def build(out_dir: str | os.PathLike) -> Path:
     from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    tokenizer = _tokenizer()
+    tokenizer = tiny_qwen2_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = len(tokenizer)
 

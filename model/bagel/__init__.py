@@ -1,0 +1,1 @@
+"""BAGEL (UniCorn's base model) behind the model protocol."""

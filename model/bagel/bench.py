@@ -1,0 +1,183 @@
+"""BAGEL-7B-MoT's shape on one GPU, random weights: rollout images/s beside the compute-bound ceiling, and DeepSpeed
+post-training tokens/s and MFU at the real widths with as many layers as fit.
+
+    python -m model.bagel.bench rollout --resolutions 512 1024 --images 4
+    python -m model.bagel.bench train --layers 8 --micro-batch 2 --steps 6
+
+Each prints one JSON line. The rollout ceiling counts the matrix products and attention of every velocity pass the
+sampler actually ran (text CFG adds one pass inside the CFG interval), at `peak` TFLOP/s (790: the bf16 rate
+measured on an H200); the VAE decode is timed but not counted. MFU = 6 x parameters on the path x tokens / time /
+989 TFLOP/s (the H200's dense bf16 peak), as the Janus bench reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from model.bagel.config import BAGEL_7B_MOT, BagelConfig
+
+
+def _pass_flops(cfg: BagelConfig, queries: int, keys: int, gen: bool = True) -> float:
+    """Multiply-adds x 2 of one forward over `queries` tokens (one expert's weights) attending `keys` keys."""
+    c = cfg.llm
+    d, kv, inter = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    per_token = 2 * (2 * d * d + 2 * d * kv + 3 * d * inter)
+    attn = 4 * queries * keys * c.num_attention_heads * c.head_dim
+    return c.num_hidden_layers * (queries * per_token + attn)
+
+
+def _random_umm(cfg: BagelConfig, device: str, vae_config: dict | None = None):
+    from model.bagel.modeling import BagelNet
+    from model.bagel.umm import BagelUMM
+    from model.bagel.vae import FLUX_VAE_CONFIG, build_vae
+    from model.vlm.tiny import tiny_qwen2_tokenizer
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device("meta"):
+        net = BagelNet(cfg)
+    net = net.to_empty(device=device).to(dtype)
+    net.init_weights()
+    lm = net.language_model.model  # to_empty left RoPE's non-persistent tables uninitialised
+    lm.rotary_emb = type(lm.rotary_emb)(config=lm.rotary_emb.config).to(device)
+    with torch.no_grad():
+        net.llm2vae.weight.normal_(0.0, cfg.llm.initializer_range)
+    vae = build_vae(vae_config or FLUX_VAE_CONFIG).to(device, dtype).eval()
+    return BagelUMM(net.eval(), vae, tiny_qwen2_tokenizer())
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _tiny():
+    """The CPU check of these benches: the tiny shape and autoencoder."""
+    from model.bagel.config import TINY
+    from model.bagel.vae import TINY_VAE_CONFIG
+
+    return TINY, "cpu", TINY_VAE_CONFIG
+
+
+def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg_scale: float = 4.0,
+                  peak_tflops: float = 790.0, tiny: bool = False) -> dict:
+    shape, device, vae = _tiny() if tiny else (BAGEL_7B_MOT, "cuda", None)
+    umm = _random_umm(shape, device, vae)
+    cfg = umm.cfg
+    calls: list[tuple[int, int]] = []
+    velocity = umm._velocity
+
+    def counted(prefix, x, t, side):
+        kv, _ = prefix
+        p = 0 if kv is None else kv[0][0].shape[1]
+        calls.append((x.shape[1] + 2, p + x.shape[1] + 2))
+        return velocity(prefix, x, t, side)
+
+    umm._velocity = counted
+    prompts = ["a photo of a red bicycle and a blue dog", "a photo of three cups on a wooden table"]
+    out: dict = {"shape": "BAGEL-7B-MoT (random weights, bf16)", "steps": steps, "cfg_text": cfg_scale,
+                 "cfg_interval": [0.0, 1.0], "peak_tflops": peak_tflops,
+                 "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    for res in resolutions:
+        sampling = {"steps": steps, "resolution": res, "cfg_interval": [0.0, 1.0]}
+        umm.generate(prompts[:1], [0], [cfg_scale], **{**sampling, "steps": 3})  # warm-up
+        _sync()
+        calls.clear()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ims = umm.generate([prompts[i % 2] for i in range(images)], list(range(images)), [cfg_scale] * images,
+                               **sampling)
+        _sync()
+        s = time.perf_counter() - t0
+        flops = sum(_pass_flops(cfg, q, k) for q, k in calls) / images
+        rate = images / s
+        ceiling = peak_tflops * 1e12 / flops
+        out[str(res)] = {"images": len(ims), "seconds": round(s, 2), "images_per_s": round(rate, 4),
+                         "velocity_passes_per_image": len(calls) // images, "tflop_per_image": round(flops / 1e12, 1),
+                         "achieved_tflops": round(rate * flops / 1e12, 1), "ceiling_images_per_s": round(ceiling, 4),
+                         "of_ceiling": round(rate / ceiling, 3)}
+        print(json.dumps({str(res): out[str(res)]}), flush=True)
+    if device == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return out
+
+
+def bench_train(layers: int = 8, micro_batch: int = 2, steps: int = 6, resolution: int = 512,
+                zero_stage: int = 2) -> dict:
+    """DeepSpeed (ZeRO-`zero_stage`, bf16, one GPU) steps of the generation loss at the real widths with `layers`
+    decoder layers; the ViT is frozen as in the cycle, the VAE encodes the targets."""
+    import os
+
+    import deepspeed
+    from PIL import Image
+
+    from model.protocol import CPRExample
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    cfg = BAGEL_7B_MOT.model_copy(update={"llm": BAGEL_7B_MOT.llm.model_copy(update={"num_hidden_layers": layers})})
+    umm = _random_umm(cfg, "cuda")
+    umm.settings = umm.settings.model_copy(update={"timestep_shift": 1.0})
+    umm._train_side = lambda: resolution
+    umm.train()
+    params = [p for p in umm.net.parameters() if p.requires_grad]
+    ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+          "bf16": {"enabled": True}, "zero_optimization": {"stage": zero_stage, "overlap_comm": True,
+                                                           "contiguous_gradients": True},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.0}},
+          "gradient_clipping": 1.0, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=umm.net, model_parameters=params, config=ds)
+    exs = [CPRExample("generation", f"a photo of {i} red cups", target_image=Image.new("RGB", (resolution,) * 2,
+                                                                                      (40 * i % 255, 90, 160)))
+           for i in range(micro_batch)]
+    tokens = sum(umm.tokens_per_example(e) for e in exs)
+    gen_layer = sum(p.numel() for n, p in umm.net.named_parameters() if "moe_gen" in n and ".layers." in n)
+    # the generation path: the generation expert of every layer (latent tokens are nearly all the tokens)
+    n_path = gen_layer + umm.net.vae2llm.weight.numel() + umm.net.llm2vae.weight.numel()
+    times = []
+    for step in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = umm.kind_loss("generation", exs)
+        engine.backward(loss)
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = sum(times[2:]) / max(1, len(times[2:]))
+    total = sum(p.numel() for p in umm.net.parameters())
+    return {"layers": layers, "of_layers": BAGEL_7B_MOT.llm.num_hidden_layers, "params": total,
+            "trainable": sum(p.numel() for p in params), "params_on_path": n_path, "micro_batch": micro_batch,
+            "resolution": resolution, "tokens_per_step": tokens, "step_s": round(step_s, 3),
+            "tokens_per_s": round(tokens / step_s, 1), "mfu": round(6 * n_path * tokens / step_s / 989e12, 4),
+            "zero_stage": zero_stage, "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            "loss_last": round(float(loss), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("rollout")
+    r.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    r.add_argument("--images", type=int, default=4)
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (a check of the bench itself)")
+    t = sub.add_parser("train")
+    t.add_argument("--layers", type=int, default=8)
+    t.add_argument("--micro-batch", type=int, default=2)
+    t.add_argument("--steps", type=int, default=6)
+    t.add_argument("--resolution", type=int, default=512)
+    a = ap.parse_args()
+    if a.what == "rollout":
+        print(json.dumps(bench_rollout(tuple(a.resolutions), a.images, a.steps, tiny=a.tiny)))
+    else:
+        print(json.dumps(bench_train(a.layers, a.micro_batch, a.steps, a.resolution)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""BagelUMM: BAGEL (UniCorn's base) behind the model protocol: every role through one Mixture-of-Transformers LLM.
+
+- generate: the prompt as a text block, then an image block of packed VAE latents drawn by the rectified-flow Euler
+  sampler (model/bagel/sampler.py) from per-sample seeded noise; text CFG against the same block with no text.
+- reflect: the same, the flawed image in the context twice as BAGEL edits (clean VAE latents, then ViT patches);
+  image CFG (`cfg_img_scale` > 1) against the context without the image.
+- propose / answer / judge: text decoding through the understanding weights, images as ViT blocks; the judge writes
+  UniCorn's JSON {"analysis", "score"}: free analysis, then the score read from the digits' probabilities
+  (`judge_mode: constrained`, always parses) or the whole answer parsed (`free`, failures counted).
+- training (`TrainableModel`): flow-matching MSE on the velocity (noise - x0) for generation and reflection,
+  cross-entropy on the answer for caption and judgement, weighted as UniCorn (`ce_weight` 0.1: the text kinds'
+  default weight); `preference_logprobs` gives Diffusion-DPO's implicit log-likelihoods (minus the velocity error
+  summed over the latent, the same noise and time for the policy and its reference), so DPO's formula in
+  tasks/objectives.py becomes Diffusion-DPO's.
+
+Sequences follow the official layout (model/bagel/modeling.py): text blocks are <|im_start|> text <|im_end|> at
+consecutive RoPE positions, causal; an image block is <|vision_start|> tokens <|vision_end|> at one position, full
+attention inside, causal to what came before. Checkpoints are the official layout: llm_config.json,
+vit_config.json, ema.safetensors (the network), ae.safetensors (FLUX's names), the tokenizer files; plus
+bagel_net.json and bagel_umm.json (ours: the rest of the network config, the VAE config and the settings).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import Field
+
+from configs.loader import Strict
+from model.bagel import sampler as S
+from model.bagel import vae as V
+from model.bagel.config import BagelConfig
+from model.bagel.modeling import BagelNet
+from model.ids import checkpoint_id_of_file
+from model.janus import text as T
+from model.protocol import ROLES, CPRExample, Judgement, LossTerm
+
+WEIGHTS = "ema.safetensors"
+AE = "ae.safetensors"
+SETTINGS = "bagel_umm.json"
+IMAGE_KINDS = ("generation", "reflection")
+TEXT_KINDS = ("caption", "judgement", "question")
+SPECIALS = {"bos": "<|im_start|>", "eos": "<|im_end|>", "soi": "<|vision_start|>", "eoi": "<|vision_end|>"}
+
+
+class Settings(Strict):
+    """How the backend runs (not part of the weights); `model.settings` in a recipe overrides these."""
+
+    propose_tokens: int = Field(48, ge=1)
+    answer_tokens: int = Field(24, ge=1)
+    judge_tokens: int = Field(96, ge=1, description="tokens of the judge's analysis")
+    judge_mode: Literal["constrained", "free"] = "constrained"
+    vit_max_side: int | None = Field(None, ge=14, description="ViT input side (default: the ViT's image size)")
+    train_vision: bool = Field(False, description="train the SigLIP encoder too (the VAE is always frozen)")
+    timestep_shift: float | None = Field(None, gt=0, description="training time shift (default: the network's)")
+    loss_weights: dict[str, float] = Field(default_factory=lambda: {"caption": 0.1, "judgement": 0.1},
+                                           description="per-kind weights: UniCorn's ce_weight 0.1 on text CE")
+
+
+def _dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+class Block:
+    """One block of a packed sequence: its embeddings, per-token generation flags, and whether it is an image (one
+    RoPE position, full attention inside) or text (consecutive positions, causal)."""
+
+    def __init__(self, embeds: torch.Tensor, gen: torch.Tensor, image: bool):
+        self.embeds, self.gen, self.image = embeds, gen, image
+
+
+def layout(blocks: list[Block], start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(embeds, position_ids, gen_mask, attn_mask (L, L), next position) of blocks packed in order."""
+    dev = blocks[0].embeds.device
+    pos, owner, causal = [], [], []
+    p = start
+    for b, blk in enumerate(blocks):
+        n = blk.embeds.shape[0]
+        if blk.image:
+            pos += [p] * n
+            p += 1
+        else:
+            pos += list(range(p, p + n))
+            p += n
+        owner += [b] * n
+        causal += [not blk.image] * n
+    L = len(pos)
+    owner_t = torch.tensor(owner, device=dev)
+    idx = torch.arange(L, device=dev)
+    same = owner_t[:, None] == owner_t[None, :]
+    causal_t = torch.tensor(causal, device=dev)
+    # earlier blocks always; inside a block: everything for an image, the past for text
+    mask = (owner_t[:, None] > owner_t[None, :]) | (same & (~causal_t[:, None] | (idx[:, None] >= idx[None, :])))
+    return (torch.cat([b.embeds for b in blocks]), torch.tensor(pos, device=dev),
+            torch.cat([b.gen for b in blocks]), mask, p)
+
+
+class BagelUMM:
+    roles = frozenset(ROLES)
+
+    def __init__(self, net: BagelNet, vae, tokenizer, settings: Settings | None = None, model_id: str | None = None):
+        self.net, self.vae, self.tok = net, vae, tokenizer
+        self.settings = settings or Settings()
+        self.cfg: BagelConfig = net.cfg
+        self.ids = {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in SPECIALS.items()}
+        self._model_id = model_id
+        self._preference_calls = 0
+
+    # ------------------------------------------------------------------ building, loading, saving
+    @classmethod
+    def random(cls, cfg: BagelConfig, vae_config: dict, tokenizer, device: str = "cpu", dtype: Any = "auto",
+               seed: int = 0, settings: dict | None = None) -> "BagelUMM":
+        """Random weights of the given shapes (no download). `llm2vae` starts at zero in the official init (a fresh
+        model predicts no velocity); a random model is meant to draw, so it gets random weights there too."""
+        torch.manual_seed(seed)
+        net = BagelNet(cfg)
+        with torch.no_grad():
+            net.llm2vae.weight.normal_(0.0, cfg.llm.initializer_range)
+        vae = V.build_vae(vae_config)
+        dt = _dtype(dtype, device)
+        return cls(net.to(device, dt), vae.to(device).eval(), tokenizer, Settings.model_validate(settings or {}))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu", dtype: Any = "auto",
+                        settings: dict | None = None) -> "BagelUMM":
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        d = Path(directory)
+        meta = json.loads((d / SETTINGS).read_text()) if (d / SETTINGS).is_file() else {}
+        cfg = BagelConfig.from_official_dir(d)
+        with torch.device("meta"):
+            net = BagelNet(cfg)
+        state = load_file(str(d / WEIGHTS), device="cpu")
+        net.load_state_dict(state, strict=True, assign=True)
+        lm = net.language_model.model  # RoPE's tables are non-persistent buffers, not in the file: rebuild them
+        lm.rotary_emb = type(lm.rotary_emb)(config=lm.rotary_emb.config)
+        stray = [n for n, b in net.named_buffers() if b.is_meta]
+        if stray:
+            raise ValueError(f"{directory}: buffers {stray[:3]} were not restored from {WEIGHTS}")
+        dt = _dtype(dtype, device)
+        vae = V.load_ae(d / AE, meta.get("vae_config", V.FLUX_VAE_CONFIG), device=device)
+        tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        s = Settings.model_validate({**meta.get("settings", {}), **(settings or {})})
+        return cls(net.to(device, dt), vae, tok, s, model_id=checkpoint_id_of_file(d / WEIGHTS))
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.cfg.write_official(d)
+        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(d / WEIGHTS), metadata={"format": "pt"})
+        V.save_ae(self.vae, d / AE)
+        self.tok.save_pretrained(str(d))
+        vae_config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+        (d / SETTINGS).write_text(json.dumps({"settings": self.settings.model_dump(mode="json"),
+                                              "vae_config": vae_config}, indent=1, sort_keys=True))
+        self._model_id = checkpoint_id_of_file(d / WEIGHTS)
+        return d
+
+    @property
+    def model_id(self) -> str:
+        if self._model_id is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for k, v in sorted(self.net.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().float().cpu().numpy().tobytes())
+            self._model_id = "unsaved-" + h.hexdigest()[:8]
+        return self._model_id
+
+    def weights_changed(self) -> None:
+        self._model_id = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def train(self, mode: bool = True) -> "BagelUMM":
+        self.net.train(mode)
+        self.net.vit_model.requires_grad_(self.settings.train_vision)
+        self.vae.requires_grad_(False)
+        return self
+
+    # ------------------------------------------------------------------ blocks
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def text_block(self, text: str, open_answer: bool = False) -> Block:
+        """<|im_start|> text <|im_end|>; `open_answer` adds the <|im_start|> that the answer follows."""
+        ids = [self.ids["bos"]] + self.encode(text) + [self.ids["eos"]] + ([self.ids["bos"]] if open_answer else [])
+        return self._ids_block(ids)
+
+    def _ids_block(self, ids: list[int]) -> Block:
+        t = torch.tensor(ids, device=self.device)
+        return Block(self.net.embed_text(t), torch.zeros(len(ids), dtype=torch.bool, device=self.device), False)
+
+    def _markers(self, inner: torch.Tensor, gen: bool) -> Block:
+        soi = self.net.embed_text(torch.tensor([self.ids["soi"]], device=self.device))
+        eoi = self.net.embed_text(torch.tensor([self.ids["eoi"]], device=self.device))
+        flags = torch.zeros(inner.shape[0] + 2, dtype=torch.bool, device=self.device)
+        flags[1:-1] = gen
+        return Block(torch.cat([soi, inner.to(soi.dtype), eoi]), flags, True)
+
+    def vit_block(self, image: Image.Image) -> Block:
+        pv, pos, _ = self.net.vit_patchify(image.convert("RGB"), self.settings.vit_max_side)
+        return self._markers(self.net.embed_vit(pv.to(self.device), pos.to(self.device)), gen=False)
+
+    def latent_block(self, packed: torch.Tensor, t: torch.Tensor | float, side: int) -> Block:
+        """Packed latents (n, C p p) of a side x side image at flow time t (0: clean)."""
+        g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
+        pos = self.net.latent_position_ids(g, g).to(self.device)
+        return self._markers(self.net.embed_latents(packed.to(self.device), t, pos), gen=True)
+
+    def clean_latents(self, images: list[Image.Image], side: int, generator: torch.Generator | None = None):
+        """Images resized to side x side -> packed clean latents (B, n, C p p), as BAGEL encodes its inputs."""
+        ims = [im.convert("RGB").resize((side, side), Image.BICUBIC) for im in images]
+        z = V.encode(self.vae, ims, generator=generator)
+        return V.pack_latents(z.float(), self.cfg.latent_patch_size)
+
+    # ------------------------------------------------------------------ generation
+    def _side(self, sampling: S.FlowSampling) -> int:
+        top = self.cfg.max_latent_size * self.cfg.vae_downsample * self.cfg.latent_patch_size
+        if sampling.resolution > top:
+            raise ValueError(f"resolution {sampling.resolution} exceeds this network's latent grid ({top} px)")
+        return sampling.resolution
+
+    @torch.no_grad()
+    def _draw(self, contexts: list[list[Block]], uncond_text: list[list[Block]], uncond_img: list[list[Block]] | None,
+              seeds: list[int], cfg_scales: list[float], sampling: S.FlowSampling) -> list[Image.Image]:
+        side = self._side(sampling)
+        g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
+        dim = self.cfg.patch_latent_dim
+        out = []
+        for i, seed in enumerate(seeds):
+            gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+            noise = torch.randn((1, g * g, dim), generator=gen).to(self.device)  # on CPU: the same on every device
+            prefixes = [self._prefix(contexts[i]), self._prefix(uncond_text[i]),
+                        self._prefix(uncond_img[i]) if uncond_img is not None else None]
+
+            def velocity(x, t, active, prefixes=prefixes):
+                v = [self._velocity(prefixes[0], x, t, side)]
+                v.append(self._velocity(prefixes[1], x, t, side) if bool(active.text.any()) else None)
+                v.append(self._velocity(prefixes[2], x, t, side) if active.img and prefixes[2] else None)
+                return tuple(v)
+
+            x = S.sample(velocity, noise.float(), sampling, [float(cfg_scales[i])])
+            latents = V.unpack_latents(x, g, g, self.cfg.latent_patch_size)
+            out += V.decode(self.vae, latents)
+        return out
+
+    def _prefix(self, blocks: list[Block]):
+        """(past_kv, next position) of a context, or (None, 0) for an empty one."""
+        if not blocks:
+            return None, 0
+        emb, pos, gen, mask, nxt = layout(blocks)
+        _, kv = self.net.forward_packed(emb, pos, gen, mask, return_kv=True)
+        return kv, nxt
+
+    def _velocity(self, prefix, x: torch.Tensor, t: torch.Tensor, side: int) -> torch.Tensor:
+        kv, start = prefix
+        blk = self.latent_block(x[0].to(self.dtype), t[0], side)
+        emb, pos, gen, mask, _ = layout([blk], start)
+        h = self.net.forward_packed(emb, pos, gen, None, past_kv=kv)  # the block sees its whole context
+        return self.net.velocity(h[1:-1])[None].float()
+
+    def generate(self, prompts: list[str], seeds: list[int], cfg_scales: list[float], **sampling: Any) -> list[Image.Image]:
+        s = S.FlowSampling.model_validate(sampling)
+        ctx = [[self.text_block(p)] for p in prompts]
+        return self._draw(ctx, [[] for _ in prompts], None, seeds, cfg_scales, s)
+
+    def reflect_blocks(self, prompt: str, image: Image.Image, side: int, generator=None) -> list[Block]:
+        clean = self.clean_latents([image], side, generator)[0]
+        return [self.latent_block(clean.to(self.dtype), 0.0, side), self.vit_block(image),
+                self.text_block(T.REFLECT_INSTRUCTION.format(prompt=prompt))]
+
+    def reflect(self, prompts: list[str], images: list[Image.Image], seeds: list[int], cfg_scales: list[float],
+                **sampling: Any) -> list[Image.Image]:
+        s = S.FlowSampling.model_validate(sampling)
+        side = self._side(s)
+        with torch.no_grad():
+            ctx = [self.reflect_blocks(p, im, side, torch.Generator().manual_seed(int(sd)))
+                   for p, im, sd in zip(prompts, images, seeds)]
+        # text CFG drops the instruction, image CFG drops the image (as BAGEL edits)
+        return self._draw(ctx, [c[:2] for c in ctx], [c[2:] for c in ctx], seeds, cfg_scales, s)
+
+    # ------------------------------------------------------------------ understanding
+    @torch.no_grad()
+    def _decode(self, blocks: list[Block], max_new: int, seed: int | None = None, temperature: float = 0.0,
+                stop: str = "") -> str:
+        emb, pos, gen, mask, nxt = layout(blocks)
+        h, kv = self.net.forward_packed(emb, pos, gen, mask, return_kv=True)
+        logits = self.net.lm_logits(h[-1:]).float()[0]
+        banned = [self.ids["bos"], self.ids["soi"], self.ids["eoi"]]
+        rng = torch.Generator().manual_seed(int(seed)) if seed is not None and temperature > 0 else None
+        toks: list[int] = []
+        for _ in range(max_new):
+            logits[banned] = float("-inf")
+            if rng is None:
+                tok = int(logits.argmax())
+            else:
+                tok = int(torch.multinomial(torch.softmax(logits.cpu() / temperature, -1), 1, generator=rng))
+            if tok == self.ids["eos"]:
+                break
+            toks.append(tok)
+            if stop and any(c in self.tok.decode([tok]) for c in stop):
+                break
+            e = self.net.embed_text(torch.tensor([tok], device=self.device))
+            P = kv[0][0].shape[1]
+            h, kv = self.net.forward_packed(e, torch.tensor([nxt], device=self.device),
+                                            torch.zeros(1, dtype=torch.bool, device=self.device),
+                                            torch.ones((1, P + 1), dtype=torch.bool, device=self.device),
+                                            past_kv=kv, return_kv=True)
+            nxt += 1
+            logits = self.net.lm_logits(h).float()[0]
+        return self.tok.decode(toks, skip_special_tokens=True)
+
+    def propose(self, categories: list[str], examples: list[list[str]], seeds: list[int],
+                temperature: float = 0.8) -> list[str]:
+        out = []
+        for c, ex, sd in zip(categories, examples, seeds):
+            q = T.PROPOSE_INSTRUCTION.format(category=c, examples="\n".join(f"- {e}" for e in ex[:3]))
+            text = self._decode([self.text_block(q, open_answer=True)], self.settings.propose_tokens, sd,
+                                temperature, stop="\n")
+            out.append(text.strip().strip("-").strip().strip('"').strip())
+        return out
+
+    def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
+        return [self._decode([self.vit_block(im), self.text_block(q, open_answer=True)],
+                             self.settings.answer_tokens).strip() for im, q in zip(images, questions)]
+
+    def judge_prompt(self, prompt: str, rubric: Any = None) -> str:
+        return T.JUDGE_INSTRUCTION.format(prompt=prompt, rubric=T.rubric_text(rubric))
+
+    def judge(self, prompts: list[str], images: list[Image.Image], rubric: Any = None) -> list[Judgement]:
+        out = []
+        for p, im in zip(prompts, images):
+            blocks = [self.vit_block(im), self.text_block(self.judge_prompt(p, rubric), open_answer=True)]
+            if self.settings.judge_mode == "free":
+                raw = self._decode(blocks, self.settings.judge_tokens + 16)
+            else:
+                head = '{"analysis": "'
+                analysis = self._decode(blocks + [self._ids_block(self.encode(head))], self.settings.judge_tokens,
+                                        stop='"\n')
+                analysis = re.sub(r'["\\\n].*$', "", analysis, flags=re.S).strip()
+                score = self._score_digits(blocks + [self._ids_block(self.encode(f'{head}{analysis}", "score": '))])
+                raw = json.dumps({"analysis": analysis, "score": score})
+            reasoning, score = T.parse_judgement(raw)
+            out.append(Judgement(reasoning=reasoning, score=score, raw=raw, parse_ok=score is not None))
+        return out
+
+    @torch.no_grad()
+    def _score_digits(self, blocks: list[Block]) -> int:
+        """The likeliest score 0-10 after '"score": ', from the digit tokens' probabilities."""
+        emb, pos, gen, mask, _ = layout(blocks)
+        lp = torch.log_softmax(self.net.lm_logits(self.net.forward_packed(emb, pos, gen, mask)[-1:]).float()[0], -1)
+        cands = {n: self.encode(str(n)) for n in range(11)}
+        best, best_lp = 0, float("-inf")
+        for n, toks in cands.items():
+            if len(toks) == 1 and float(lp[toks[0]]) > best_lp:  # a multi-token "10" is read as its "1"
+                best, best_lp = n, float(lp[toks[0]])
+        return best
+
+    # ------------------------------------------------------------------ training
+    def _flow_time(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """BAGEL's training times: sigmoid of a normal draw, then the time shift."""
+        t = torch.sigmoid(torch.randn(n, generator=generator))
+        s = self.settings.timestep_shift or self.cfg.timestep_shift
+        return s * t / (1 + (s - 1) * t)
+
+    def _flow_errors(self, contexts: list[list[Block]], targets: list[Image.Image], side: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B,) mean squared velocity error of each target image given its context, with grad."""
+        x0 = self.clean_latents(targets, side, generator).to(self.device)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        t = self._flow_time(len(targets), generator).to(self.device)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        errs = []
+        for i, ctx in enumerate(contexts):
+            blk = self.latent_block(xt[i].to(self.dtype), t[i], side)
+            emb, pos, gen, mask, _ = layout(ctx + [blk])
+            h = self.net.forward_packed(emb, pos, gen, mask)
+            v = self.net.velocity(h[-blk.embeds.shape[0] + 1:-1]).float()
+            errs.append(((v - (noise[i] - x0[i])) ** 2).mean())
+        return torch.stack(errs)
+
+    def _train_side(self) -> int:
+        return self.cfg.max_latent_size * self.cfg.vae_downsample * self.cfg.latent_patch_size
+
+    def _image_context(self, ex: CPRExample, side: int) -> list[Block]:
+        if ex.kind == "reflection":
+            blocks = self.reflect_blocks(ex.input_text, ex.input_image, side)
+            return blocks if ex.input_text else blocks[:2]  # CFG dropout: no instruction
+        return [self.text_block(ex.input_text)] if ex.input_text else []
+
+    def _judgement_target(self, ex: CPRExample) -> tuple[str, str]:
+        meta = ex.meta if isinstance(ex.meta, dict) else {}
+        target = ex.target_text or ""
+        if meta.get("score") is not None:
+            target = json.dumps({"analysis": target, "score": int(meta["score"])})
+        return self.judge_prompt(meta.get("prompt") or ex.input_text, meta.get("rubric")), target
+
+    def _text_ce(self, exs: list[CPRExample]) -> torch.Tensor:
+        """Token-mean cross-entropy of each answer (and its <|im_end|>) given the image and the question."""
+        losses, count = [], 0
+        for ex in exs:
+            q, tgt = (self._judgement_target(ex) if ex.kind == "judgement"
+                      else (ex.input_text or T.CAPTION_TEMPLATES[0], ex.target_text or ""))
+            ans = self.encode(tgt) + [self.ids["eos"]]
+            blocks = [self.vit_block(ex.input_image), self.text_block(q, open_answer=True), self._ids_block(ans)]
+            emb, pos, gen, mask, _ = layout(blocks)
+            h = self.net.forward_packed(emb, pos, gen, mask)
+            logits = self.net.lm_logits(h[-len(ans) - 1:-1]).float()
+            losses.append(F.cross_entropy(logits, torch.tensor(ans, device=self.device), reduction="sum"))
+            count += len(ans)
+        return torch.stack(losses).sum() / count
+
+    def kind_loss(self, kind: str, exs: list[CPRExample]) -> torch.Tensor:
+        if kind in IMAGE_KINDS:
+            side = self._train_side()
+            return self._flow_errors([self._image_context(e, side) for e in exs], [e.target_image for e in exs],
+                                     side).mean()
+        return self._text_ce(exs)
+
+    @property
+    def default_loss_weights(self) -> dict[str, float]:
+        return dict(self.settings.loss_weights)
+
+    def loss_terms(self, examples: list[CPRExample]) -> dict[str, LossTerm]:
+        by: dict[str, list[CPRExample]] = {}
+        for ex in examples:
+            if ex.kind not in IMAGE_KINDS + TEXT_KINDS:
+                raise ValueError(f"unknown CPR kind {ex.kind!r} (expected one of generation, caption, judgement, "
+                                 "reflection)")
+            by.setdefault(ex.kind, []).append(ex)
+        return {kind: LossTerm(self.kind_loss(kind, exs), len(exs)) for kind, exs in by.items()}
+
+    def preference_logprobs(self, examples: list[CPRExample]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Diffusion-DPO's implicit log-likelihoods: minus the velocity error summed over each image's latent
+        (B,), chosen and rejected drawn with the same noise and time. The noise comes from a generator seeded by
+        the call count, so the policy and its frozen reference (each called once per step, tasks/objectives.py)
+        see the same draws."""
+        self._preference_calls += 1
+        side = self._train_side()
+        g = torch.Generator().manual_seed(self._preference_calls)
+        state = g.get_state()
+        ctx = [self._image_context(e, side) for e in examples]
+        chosen = self._flow_errors(ctx, [e.target_image for e in examples], side, g)
+        g.set_state(state)
+        rejected = self._flow_errors(ctx, [e.rejected_image for e in examples], side, g)
+        n = (side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)) ** 2 * self.cfg.patch_latent_dim
+        return -chosen * n, -rejected * n, n
+
+    def image_token_logprobs(self, examples: list[CPRExample]) -> torch.Tensor:
+        raise NotImplementedError("posttrain.objective 'grpo' needs per-step log-densities of the flow sampler "
+                                  "(Flow-GRPO), which the BAGEL backend does not give yet: use 'sft' or 'dpo'")
+
+    def tokens_per_example(self, ex: CPRExample) -> int:
+        side = self._train_side()
+        n_img = (side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)) ** 2 + 2
+        n_vit = self.net.vit_patchify(Image.new("RGB", (side, side)), self.settings.vit_max_side)[0].shape[0] + 2
+        text = len(self.encode(ex.input_text or "")) + 2
+        if ex.kind == "preference":
+            return 2 * (text + n_img)
+        if ex.kind in ("generation", "group"):
+            return text + n_img
+        if ex.kind == "reflection":
+            return 2 * n_img + n_vit + text
+        return n_vit + text + len(self.encode(ex.target_text or "")) + 1
+
+
+def is_bagel_dir(directory: str | None) -> bool:
+    if directory is None:
+        return False
+    p = Path(directory)
+    return (p / WEIGHTS).is_file() and (p / "llm_config.json").is_file()
