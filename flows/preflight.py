@@ -17,7 +17,7 @@ from configs.loader import ConfigError, validate
 from configs.schema import CycleConfig
 from flows.dags import Dag, DagError
 from storage import Registry, Store
-from storage.checkpoints import WEIGHTS
+from storage.checkpoints import WEIGHTS_FILES, weights_file
 from tasks import STAGES
 
 
@@ -50,8 +50,8 @@ def check_checkpoint(cfg: CycleConfig) -> None:
         reg.promoted()  # a dangling or damaged pointer raises its own one-line error
         return
     if os.path.isdir(pointer):
-        if not os.path.isfile(os.path.join(pointer, WEIGHTS)):
-            raise PreflightError(f"model.checkpoint {pointer!r}: the directory has no {WEIGHTS}")
+        if weights_file(pointer) is None:
+            raise PreflightError(f"model.checkpoint {pointer!r}: the directory has no {' or '.join(WEIGHTS_FILES)}")
         return
     if reg.meta(pointer) is None:
         known = [m.checkpoint_id for m in reg.list()]

@@ -20,7 +20,7 @@ from configs.loader import Strict
 from model.protocol import TokenSampling
 
 # imported on first use, so `selfplay --help` and config validation stay fast
-BUILTIN = {"embedded": "model.embedded.backend", "janus": "model.janus.backend"}
+BUILTIN = {"embedded": "model.embedded.backend", "janus": "model.janus.backend", "bagel": "model.bagel.backend"}
 # modules that register more backends (comma-separated), imported on first lookup in every process that
 # looks one up, the post-training workers included: a backend outside this package needs no edit here
 PLUGINS_ENV = "SELFPLAY_BACKENDS"

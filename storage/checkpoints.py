@@ -28,6 +28,18 @@ from storage.names import validate_name
 from storage.store import Store
 
 WEIGHTS = "model.safetensors"
+# the file a checkpoint is named by (its id is its hash): model.safetensors, or ema.safetensors where a backend keeps
+# an official layout that names its weights so (BAGEL)
+WEIGHTS_FILES = (WEIGHTS, "ema.safetensors")
+
+
+def weights_file(directory: str) -> str | None:
+    """The path of the weights file a checkpoint directory is named by, or None if it has none."""
+    for name in WEIGHTS_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
 CHECKSUMS = "_checksums.json"  # a writer's record of the files it wrote: name -> sha256
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -113,8 +125,8 @@ class Registry:
         pickled = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
         if pickled:
             raise RegistryError(f"{src_dir}: refusing pickle files {pickled}; save weights as safetensors")
-        if not os.path.isfile(os.path.join(src_dir, WEIGHTS)):
-            raise RegistryError(f"{src_dir}: no {WEIGHTS} (weights must be safetensors)")
+        if weights_file(src_dir) is None:
+            raise RegistryError(f"{src_dir}: no {' or '.join(WEIGHTS_FILES)} (weights must be safetensors)")
         ckpt_id = validate_name(checkpoint_id, "checkpoint id")  # the model's own id of these weights
         try:
             existing = self.meta(ckpt_id)

@@ -15,7 +15,7 @@ from model import registry
 from model.ids import checkpoint_id_of_file
 from model.registry import ModelSection
 from storage import Registry, RegistryError, Store
-from storage.checkpoints import WEIGHTS
+from storage.checkpoints import weights_file
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def register(directory: str, store: str, line: str, *, expected: dict[str, str] 
              **lineage: Any) -> str:
     """Register the checkpoint in `directory`, its files checked against `expected` when its writer recorded them
     (weights already registered keep their lineage and are repaired from `directory` if damaged); returns its id."""
-    ckpt_id = checkpoint_id_of_file(os.path.join(directory, WEIGHTS))
+    ckpt_id = checkpoint_id_of_file(weights_file(directory) or os.path.join(directory, "model.safetensors"))
     return Registry(store, line).register(directory, ckpt_id, expected=expected, **lineage).checkpoint_id
 
 

@@ -1,0 +1,112 @@
+"""BagelUMM on the tiny random shape: every role, determinism, the official checkpoint files, the training terms
+(flow matching, text cross-entropy at UniCorn's weight, Diffusion-DPO's shared noise)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.bagel.config import TINY
+from model.bagel.umm import AE, WEIGHTS, BagelUMM, is_bagel_dir, layout
+from model.bagel.vae import TINY_VAE_CONFIG
+from model.protocol import CPRExample, TrainableModel
+from model.vlm.tiny import tiny_qwen2_tokenizer
+
+SAMPLING = {"steps": 4, "resolution": 128, "cfg_interval": [0.0, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def bagel():
+    return BagelUMM.random(TINY, TINY_VAE_CONFIG, tiny_qwen2_tokenizer(), seed=3)
+
+
+def test_layout_packs_text_causally_and_images_as_one_position():
+    e = torch.zeros((3, 4))
+    from model.bagel.umm import Block
+
+    text = Block(e, torch.zeros(3, dtype=torch.bool), image=False)
+    image = Block(torch.zeros((4, 4)), torch.tensor([False, True, True, False]), image=True)
+    emb, pos, gen, mask, nxt = layout([text, image, text])
+    assert pos.tolist() == [0, 1, 2, 3, 3, 3, 3, 4, 5, 6] and nxt == 7
+    assert gen.tolist() == [False] * 4 + [True, True] + [False] * 4
+    assert not mask[0, 1] and mask[1, 0]  # text: causal
+    assert mask[3, 6] and mask[6, 3] and mask[4, 0]  # image: full inside, sees what came before
+    assert not mask[2, 3] and mask[7, 6] and not mask[7, 8]  # nothing sees what comes after its block
+
+
+def test_generate_is_deterministic_per_seed_and_cfg_changes_the_image(bagel):
+    a = bagel.generate(["a red circle", "two dogs"], [1, 2], [4.0, 4.0], **SAMPLING)
+    b = bagel.generate(["a red circle"], [1], [4.0], **SAMPLING)
+    c = bagel.generate(["a red circle"], [1], [1.0], **SAMPLING)
+    d = bagel.generate(["a red circle"], [7], [4.0], **SAMPLING)
+    assert all(im.size == (128, 128) for im in a)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))  # the same image alone or in a batch
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))  # text CFG is applied
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(d[0]))
+    with pytest.raises(ValueError, match="exceeds this network's latent grid"):
+        bagel.generate(["x"], [0], [1.0], steps=3, resolution=256)
+
+
+def test_understanding_roles_and_a_judge_that_always_scores(bagel):
+    im = bagel.generate(["a red circle"], [1], [4.0], **SAMPLING)[0]
+    assert isinstance(bagel.propose(["colors"], [["a red circle"]], [3])[0], str)
+    assert isinstance(bagel.answer([im], ["what colour is the circle?"])[0], str)
+    j = bagel.judge(["a red circle", "two dogs"], [im, im])
+    assert all(x.parse_ok and 0 <= x.score <= 10 for x in j)
+    assert json.loads(j[0].raw)["score"] == j[0].score
+    r = bagel.reflect(["a red circle"], [im], [5], [4.0], **SAMPLING, cfg_img_scale=2.0)
+    assert r[0].size == (128, 128)
+
+
+def test_the_official_layout_round_trips(bagel, tmp_path):
+    bagel.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"llm_config.json", "vit_config.json", WEIGHTS, AE, "tokenizer.json"} <= names
+    assert is_bagel_dir(str(tmp_path)) and not any(n.endswith((".bin", ".pt")) for n in names)
+    again = BagelUMM.from_pretrained(tmp_path)
+    assert again.model_id == bagel.model_id
+    a = bagel.generate(["two dogs"], [4], [4.0], **SAMPLING)[0]
+    b = again.generate(["two dogs"], [4], [4.0], **SAMPLING)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_training_terms_for_every_kind_reach_both_experts(bagel):
+    assert isinstance(bagel, TrainableModel)
+    red, blue = Image.new("RGB", (128, 128), (200, 30, 30)), Image.new("RGB", (128, 128), (30, 30, 200))
+    exs = [CPRExample("generation", "a red square", target_image=red),
+           CPRExample("caption", "Write the prompt of this image.", target_text="a red square", input_image=red),
+           CPRExample("judgement", "a red square", target_text="it is red", input_image=red,
+                      meta={"prompt": "a red square", "score": 9}),
+           CPRExample("reflection", "a red square", input_image=blue, target_image=red)]
+    bagel.train()
+    bagel.net.zero_grad(set_to_none=True)
+    terms = bagel.loss_terms(exs)
+    assert list(terms) == ["generation", "caption", "judgement", "reflection"]
+    assert all(t.count == 1 and torch.isfinite(t.loss) for t in terms.values())
+    sum(t.loss for t in terms.values()).backward()
+    layer = bagel.net.language_model.model.layers[0]
+    assert layer.mlp_moe_gen.up_proj.weight.grad.abs().sum() > 0  # the flow loss trains the generation expert
+    assert layer.mlp.up_proj.weight.grad.abs().sum() > 0  # the text loss the understanding one
+    assert bagel.net.vit_model.vision_model.embeddings.patch_embedding.weight.grad is None  # the ViT is frozen
+    assert bagel.default_loss_weights == {"caption": 0.1, "judgement": 0.1}  # UniCorn's ce_weight
+    with pytest.raises(ValueError, match="unknown CPR kind"):
+        bagel.loss_terms([CPRExample("painting", "x")])
+    bagel.train(False)
+
+
+def test_diffusion_dpo_scores_both_images_under_the_same_noise(bagel):
+    red, blue = Image.new("RGB", (128, 128), (200, 30, 30)), Image.new("RGB", (128, 128), (30, 30, 200))
+    pair = [CPRExample("preference", "a red square", target_image=red, rejected_image=blue)]
+    same = [CPRExample("preference", "a red square", target_image=red, rejected_image=red)]
+    pc, pr, n = bagel.preference_logprobs(pair)
+    sc, sr, _ = bagel.preference_logprobs(same)
+    assert n == 8 * 8 * 64 and pc.shape == (1,) and pc.requires_grad
+    assert torch.equal(sc, sr)  # one image twice: identical noise and time give identical errors
+    assert not torch.equal(pc, pr)
+    twin = BagelUMM(bagel.net, bagel.vae, bagel.tok)  # a reference model: its first call draws what ours first drew
+    mine = BagelUMM(bagel.net, bagel.vae, bagel.tok)
+    assert torch.equal(mine.preference_logprobs(pair)[0], twin.preference_logprobs(pair)[0])
+    with pytest.raises(NotImplementedError, match="Flow-GRPO"):
+        bagel.image_token_logprobs(pair)
