@@ -2,7 +2,7 @@
 post-training tokens/s and MFU at the real widths with as many layers as fit.
 
     python -m model.bagel.bench rollout --resolutions 512 1024 --images 4
-    python -m model.bagel.bench train --layers 8 --micro-batch 2 --steps 6
+    python -m model.bagel.bench train --layers 6 --micro-batch 2 --resolution 1024 --accum 4
 
 Each prints one JSON line. The rollout ceiling counts the matrix products and attention of every velocity pass the
 sampler actually ran (text CFG adds one pass inside the CFG interval), at `peak` TFLOP/s (790: the bf16 rate
@@ -68,15 +68,15 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
     umm = _random_umm(shape, device, vae)
     cfg = umm.cfg
     calls: list[tuple[int, int]] = []
-    velocity = umm._velocity
+    velocities = umm._velocities
 
-    def counted(prefix, x, t, side):
-        kv, _ = prefix
-        p = 0 if kv is None else kv[0][0].shape[1]
-        calls.append((x.shape[1] + 2, p + x.shape[1] + 2))
-        return velocity(prefix, x, t, side)
+    def counted(prefixes, x, t, side):  # one (queries, keys) per branch: padded keys are not counted
+        for kv, _ in prefixes:
+            p = 0 if kv is None else kv[0][0].shape[1]
+            calls.append((x.shape[1] + 2, p + x.shape[1] + 2))
+        return velocities(prefixes, x, t, side)
 
-    umm._velocity = counted
+    umm._velocities = counted
     prompts = ["a photo of a red bicycle and a blue dog", "a photo of three cups on a wooden table"]
     out: dict = {"shape": "BAGEL-7B-MoT (random weights, bf16)", "steps": steps, "cfg_text": cfg_scale,
                  "cfg_interval": [0.0, 1.0], "peak_tflops": peak_tflops,
@@ -105,10 +105,11 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
     return out
 
 
-def bench_train(layers: int = 8, micro_batch: int = 2, steps: int = 6, resolution: int = 512,
+def bench_train(layers: int = 6, micro_batch: int = 2, steps: int = 5, resolution: int = 1024, accum: int = 4,
                 zero_stage: int = 2) -> dict:
-    """DeepSpeed (ZeRO-`zero_stage`, bf16, one GPU) steps of the generation loss at the real widths with `layers`
-    decoder layers; the ViT is frozen as in the cycle, the VAE encodes the targets."""
+    """DeepSpeed (ZeRO-`zero_stage`, bf16, one GPU) optimizer steps of the generation loss at the real widths with
+    `layers` decoder layers, `accum` micro-batches each (UniCorn accumulates 4); the ViT is frozen as in the cycle,
+    the VAE encodes the targets. The first two steps are not timed."""
     import os
 
     import deepspeed
@@ -127,10 +128,11 @@ def bench_train(layers: int = 8, micro_batch: int = 2, steps: int = 6, resolutio
     umm._train_side = lambda: resolution
     umm.train()
     params = [p for p in umm.net.parameters() if p.requires_grad]
-    ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+    ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accum,
           "bf16": {"enabled": True}, "zero_optimization": {"stage": zero_stage, "overlap_comm": True,
                                                            "contiguous_gradients": True},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.0}},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.0,
+                                                    "torch_adam": True}},  # no JIT build of the fused op
           "gradient_clipping": 1.0, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=umm.net, model_parameters=params, config=ds)
     exs = [CPRExample("generation", f"a photo of {i} red cups", target_image=Image.new("RGB", (resolution,) * 2,
@@ -144,16 +146,18 @@ def bench_train(layers: int = 8, micro_batch: int = 2, steps: int = 6, resolutio
     for step in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = umm.kind_loss("generation", exs)
-        engine.backward(loss)
-        engine.step()
+        for _ in range(accum):
+            loss = umm.kind_loss("generation", exs)
+            engine.backward(loss)
+            engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     step_s = sum(times[2:]) / max(1, len(times[2:]))
+    tokens *= accum
     total = sum(p.numel() for p in umm.net.parameters())
     return {"layers": layers, "of_layers": BAGEL_7B_MOT.llm.num_hidden_layers, "params": total,
             "trainable": sum(p.numel() for p in params), "params_on_path": n_path, "micro_batch": micro_batch,
-            "resolution": resolution, "tokens_per_step": tokens, "step_s": round(step_s, 3),
+            "resolution": resolution, "accum": accum, "tokens_per_step": tokens, "step_s": round(step_s, 3),
             "tokens_per_s": round(tokens / step_s, 1), "mfu": round(6 * n_path * tokens / step_s / 989e12, 4),
             "zero_stage": zero_stage, "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
             "loss_last": round(float(loss), 4)}
@@ -168,15 +172,16 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=50)
     r.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (a check of the bench itself)")
     t = sub.add_parser("train")
-    t.add_argument("--layers", type=int, default=8)
+    t.add_argument("--layers", type=int, default=6)
     t.add_argument("--micro-batch", type=int, default=2)
-    t.add_argument("--steps", type=int, default=6)
-    t.add_argument("--resolution", type=int, default=512)
+    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--resolution", type=int, default=1024)
+    t.add_argument("--accum", type=int, default=4)
     a = ap.parse_args()
     if a.what == "rollout":
         print(json.dumps(bench_rollout(tuple(a.resolutions), a.images, a.steps, tiny=a.tiny)))
     else:
-        print(json.dumps(bench_train(a.layers, a.micro_batch, a.steps, a.resolution)))
+        print(json.dumps(bench_train(a.layers, a.micro_batch, a.steps, a.resolution, a.accum)))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,29 @@ class _Route:
 # ---------------------------------------------------------------- the MoT LLM
 
 
+def attend(q, k, v, attn_mask=None, segments=None, key_starts=None):
+    """SDPA of q (B, H, L, d) over k, v (B, H, P + L, d), the P cached keys first, in one of three forms:
+    - `attn_mask` (B, L, P + L) bool, or None: every query sees every key (the flash kernels apply);
+    - `segments` (one sequence): (start, end, causal) row ranges that each see every key before their end, causal
+      rows their own block's past only: an image block (not causal) needs no mask, so it keeps the flash kernels,
+      and a text block's mask is only its own rows;
+    - `key_starts`: sequence b sees keys from key_starts[b] on (left-padded caches of different lengths), no mask.
+    """
+    if segments is not None:
+        P, outs = k.shape[2] - q.shape[2], []
+        for s, e, causal in segments:
+            ke = P + e
+            mask = None
+            if causal and e - s > 1:  # row i of the block sees keys up to its own absolute position
+                mask = torch.ones((e - s, ke), dtype=torch.bool, device=q.device).tril(diagonal=P + s)
+            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :ke], v[:, :, :ke], attn_mask=mask))
+        return torch.cat(outs, dim=2)
+    if key_starts is not None:
+        return torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, ks:], v[b:b + 1, :, ks:])
+                          for b, ks in enumerate(key_starts)])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_mask is None else attn_mask[:, None])
+
+
 class MoTAttention(nn.Module):
     def __init__(self, cfg: BagelConfig):
         super().__init__()
@@ -176,28 +199,39 @@ class MoTAttention(nn.Module):
 
         self.q_norm, self.k_norm, self.q_norm_moe_gen, self.k_norm_moe_gen = norm(), norm(), norm(), norm()
 
-    def forward(self, x, route: _Route, cos, sin, attn_mask, past: KV | None = None) -> tuple[torch.Tensor, KV]:
-        L = x.shape[0]
-        q = route(x, self.q_proj, self.q_proj_moe_gen).view(L, self.num_heads, self.head_dim)
-        k = route(x, self.k_proj, self.k_proj_moe_gen).view(L, self.num_kv_heads, self.head_dim)
-        v = route(x, self.v_proj, self.v_proj_moe_gen).view(L, self.num_kv_heads, self.head_dim)
-        q = route(q, self.q_norm, self.q_norm_moe_gen)
-        k = route(k, self.k_norm, self.k_norm_moe_gen)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    def forward(self, x, route: _Route, cos, sin, attn_mask, past: KV | None = None,
+                batch: int | None = None, segments: list[tuple[int, int, bool]] | None = None,
+                key_starts: list[int] | None = None) -> tuple[torch.Tensor, KV]:
+        """x: the rows of one packed sequence (L, D), or of `batch` sequences of equal length (B L, D), whose cos /
+        sin are then (B, L, head_dim), attn_mask (B, L, P + L) and past (B, kv_heads, P, head_dim) each.
+        `segments` / `key_starts` replace the mask by what it means (see `attend`)."""
+        single = batch is None
+        B = 1 if single else batch
+        R = x.shape[0]
+        L = R // B
+        q = route(x, self.q_proj, self.q_proj_moe_gen).view(R, self.num_heads, self.head_dim)
+        k = route(x, self.k_proj, self.k_proj_moe_gen).view(R, self.num_kv_heads, self.head_dim)
+        v = route(x, self.v_proj, self.v_proj_moe_gen).view(R, self.num_kv_heads, self.head_dim)
+        q = route(q, self.q_norm, self.q_norm_moe_gen).view(B, L, self.num_heads, self.head_dim)
+        k = route(k, self.k_norm, self.k_norm_moe_gen).view(B, L, self.num_kv_heads, self.head_dim)
+        v = v.view(B, L, self.num_kv_heads, self.head_dim)
+        if single:  # one sequence is a batch of one: the same arithmetic
+            cos, sin = cos[None], sin[None]
+            past = None if past is None else (past[0][None], past[1][None])
+            attn_mask = None if attn_mask is None else attn_mask[None]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (kv_heads, L, head_dim): the cache's layout
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kv_heads, L, head_dim): the cache's layout
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         groups = self.num_heads // self.num_kv_heads
         # KV heads repeated (as the official training path does) rather than SDPA's enable_gqa, which not every masked
         # SDPA kernel takes
-        kk = k.repeat_interleave(groups, dim=0) if groups > 1 else k
-        vv = v.repeat_interleave(groups, dim=0) if groups > 1 else v
-        # no mask (every query sees every key, as an image block over its context does): the flash kernels apply
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None],
-                                             attn_mask=None if attn_mask is None else attn_mask[None, None])
-        out = out[0].transpose(0, 1).reshape(L, self.num_heads * self.head_dim)
-        return route(out, self.o_proj, self.o_proj_moe_gen), (k, v)
+        kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        vv = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+        out = attend(q.transpose(1, 2), kk, vv, attn_mask, segments, key_starts)
+        out = out.transpose(1, 2).reshape(R, self.num_heads * self.head_dim)
+        return route(out, self.o_proj, self.o_proj_moe_gen), ((k[0], v[0]) if single else (k, v))
 
 
 class MoTDecoderLayer(nn.Module):
@@ -210,9 +244,10 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = Qwen2RMSNorm(d, eps=eps)
         self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(d, eps=eps)
 
-    def forward(self, x, route: _Route, cos, sin, attn_mask, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x, route: _Route, cos, sin, attn_mask, past: KV | None = None, batch: int | None = None,
+                segments=None, key_starts=None) -> tuple[torch.Tensor, KV]:
         h = route(x, self.input_layernorm, self.input_layernorm_moe_gen)
-        h, kv = self.self_attn(h, route, cos, sin, attn_mask, past)
+        h, kv = self.self_attn(h, route, cos, sin, attn_mask, past, batch, segments, key_starts)
         x = x + h
         h = route(x, lambda t: self.mlp(self.post_attention_layernorm(t)),
                   lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)))
@@ -398,7 +433,8 @@ class BagelNet(nn.Module):
         return self.language_model.lm_head(hidden)
 
     def forward_packed(self, embeds: torch.Tensor, position_ids: torch.Tensor, gen_mask: torch.Tensor,
-                       attn_mask: torch.Tensor, past_kv: list[KV] | None = None, return_kv: bool = False):
+                       attn_mask: torch.Tensor | None, past_kv: list[KV] | None = None, return_kv: bool = False,
+                       segments: list[tuple[int, int, bool]] | None = None):
         """The MoT LLM over one packed sequence.
 
         embeds (L, D); position_ids (L,) RoPE positions (see the module docstring); gen_mask (L,) bool, True where a
@@ -408,7 +444,8 @@ class BagelNet(nn.Module):
 
         past_kv: per layer (k, v), each (kv_heads, P, head_dim), RoPE applied, as returned by an earlier call.
         Returns hidden (L, D) after the final norm chosen per token (`norm` / `norm_moe_gen`); with return_kv, also
-        the per-layer (k, v) over P + L keys.
+        the per-layer (k, v) over P + L keys. `segments` in place of attn_mask: (start, end, causal) row ranges,
+        the same visibility as the mask with the flash kernels wherever a range is an image block (`attend`).
         """
         lm = self.language_model.model
         route = _Route(gen_mask)
@@ -416,10 +453,27 @@ class BagelNet(nn.Module):
         cos, sin = cos[0], sin[0]
         x, kvs = embeds, []
         for i, layer in enumerate(lm.layers):
-            x, kv = layer(x, route, cos, sin, attn_mask, None if past_kv is None else past_kv[i])
+            x, kv = layer(x, route, cos, sin, attn_mask, None if past_kv is None else past_kv[i], segments=segments)
             kvs.append(kv)
         x = route(x, lm.norm, lm.norm_moe_gen)
         return (x, kvs) if return_kv else x
+
+    def forward_batch(self, embeds: torch.Tensor, position_ids: torch.Tensor, gen_mask: torch.Tensor,
+                      attn_mask: torch.Tensor | None, past_kv: list[KV] | None = None,
+                      key_starts: list[int] | None = None) -> torch.Tensor:
+        """`forward_packed` over B sequences of one length L at once (the sampler's CFG branches): embeds (B, L, D),
+        position_ids and gen_mask (B, L), attn_mask (B, L, P + L) or None, past_kv per layer (k, v) each
+        (B, kv_heads, P, head_dim); `key_starts` in place of a mask: sequence b's cache is left-padded to P and
+        its keys start at key_starts[b]. Returns hidden (B, L, D)."""
+        B, L, D = embeds.shape
+        lm = self.language_model.model
+        route = _Route(gen_mask.reshape(-1))
+        cos, sin = lm.rotary_emb(embeds, position_ids)
+        x = embeds.reshape(B * L, D)
+        for i, layer in enumerate(lm.layers):
+            x, _ = layer(x, route, cos, sin, attn_mask, None if past_kv is None else past_kv[i], B,
+                         key_starts=key_starts)
+        return route(x, lm.norm, lm.norm_moe_gen).view(B, L, D)
 
     # ---- understanding: images through the ViT
 

@@ -79,6 +79,16 @@ class Block:
         self.embeds, self.gen, self.image = embeds, gen, image
 
 
+def segments_of(blocks: list[Block]) -> list[tuple[int, int, bool]]:
+    """(start, end, causal) rows of each block: what `layout`'s mask says, for `BagelNet`'s mask-free attention."""
+    out, s = [], 0
+    for blk in blocks:
+        n = blk.embeds.shape[0]
+        out.append((s, s + n, not blk.image))
+        s += n
+    return out
+
+
 def layout(blocks: list[Block], start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(embeds, position_ids, gen_mask, attn_mask (L, L), next position) of blocks packed in order."""
     dev = blocks[0].embeds.device
@@ -115,6 +125,7 @@ class BagelUMM:
         self.ids = {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in SPECIALS.items()}
         self._model_id = model_id
         self._preference_calls = 0
+        self._latent_pos: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ building, loading, saving
     @classmethod
@@ -226,8 +237,9 @@ class BagelUMM:
     def latent_block(self, packed: torch.Tensor, t: torch.Tensor | float, side: int) -> Block:
         """Packed latents (n, C p p) of a side x side image at flow time t (0: clean)."""
         g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
-        pos = self.net.latent_position_ids(g, g).to(self.device)
-        return self._markers(self.net.embed_latents(packed.to(self.device), t, pos), gen=True)
+        if g not in self._latent_pos:  # every sampler step asks again: build and copy it once
+            self._latent_pos[g] = self.net.latent_position_ids(g, g).to(self.device)
+        return self._markers(self.net.embed_latents(packed.to(self.device), t, self._latent_pos[g]), gen=True)
 
     def clean_latents(self, images: list[Image.Image], side: int, generator: torch.Generator | None = None):
         """Images resized to side x side -> packed clean latents (B, n, C p p), as BAGEL encodes its inputs."""
@@ -256,30 +268,58 @@ class BagelUMM:
                         self._prefix(uncond_img[i]) if uncond_img is not None else None]
 
             def velocity(x, t, active, prefixes=prefixes):
-                v = [self._velocity(prefixes[0], x, t, side)]
-                v.append(self._velocity(prefixes[1], x, t, side) if bool(active.text.any()) else None)
-                v.append(self._velocity(prefixes[2], x, t, side) if active.img and prefixes[2] else None)
-                return tuple(v)
+                # the branches this step needs, as one batch: one forward over all of them
+                want = [0] + ([1] if bool(active.text.any()) else []) + ([2] if active.img and prefixes[2] else [])
+                v = self._velocities([prefixes[j] for j in want], x, t, side)
+                out = [None, None, None]
+                for k, j in enumerate(want):
+                    out[j] = v[k:k + 1]
+                return tuple(out)
 
             x = S.sample(velocity, noise.float(), sampling, [float(cfg_scales[i])])
             latents = V.unpack_latents(x, g, g, self.cfg.latent_patch_size)
             out += V.decode(self.vae, latents)
         return out
 
+    def _run(self, blocks: list[Block], return_kv: bool = False):
+        """(hidden, kv or None, next position) of blocks packed as one sequence; the attention by segments, so image
+        blocks keep the flash kernels (`BagelNet.forward_packed`)."""
+        emb, pos, gen, _, nxt = layout(blocks)
+        out = self.net.forward_packed(emb, pos, gen, None, return_kv=return_kv, segments=segments_of(blocks))
+        return (*out, nxt) if return_kv else (out, None, nxt)
+
     def _prefix(self, blocks: list[Block]):
         """(past_kv, next position) of a context, or (None, 0) for an empty one."""
         if not blocks:
             return None, 0
-        emb, pos, gen, mask, nxt = layout(blocks)
-        _, kv = self.net.forward_packed(emb, pos, gen, mask, return_kv=True)
+        _, kv, nxt = self._run(blocks, return_kv=True)
         return kv, nxt
 
-    def _velocity(self, prefix, x: torch.Tensor, t: torch.Tensor, side: int) -> torch.Tensor:
-        kv, start = prefix
+    def _velocities(self, prefixes: list, x: torch.Tensor, t: torch.Tensor, side: int) -> torch.Tensor:
+        """(S, N, C): the velocity of the one image's latents `x` (1, N, C) under each of S contexts (their KV
+        caches, padded to one length and masked), in one batched forward."""
         blk = self.latent_block(x[0].to(self.dtype), t[0], side)
-        emb, pos, gen, mask, _ = layout([blk], start)
-        h = self.net.forward_packed(emb, pos, gen, None, past_kv=kv)  # the block sees its whole context
-        return self.net.velocity(h[1:-1])[None].float()
+        S, L = len(prefixes), blk.embeds.shape[0]
+        lens = [0 if kv is None else kv[0][0].shape[1] for kv, _ in prefixes]
+        P = max(lens)
+        past = None
+        if P:
+            past = []
+            for layer in range(len(self.net.language_model.model.layers)):
+                ks, vs = [], []
+                for (kv, _), n in zip(prefixes, lens):  # left-padded: a branch's keys start at P - n
+                    k = kv[layer][0] if kv is not None else blk.embeds.new_zeros(0)
+                    v = kv[layer][1] if kv is not None else blk.embeds.new_zeros(0)
+                    shape = (self.cfg.llm.num_key_value_heads, P - n, self.cfg.llm.head_dim)
+                    ks.append(torch.cat([k.new_zeros(shape), k.view(shape[0], n, shape[2])], 1))
+                    vs.append(torch.cat([v.new_zeros(shape), v.view(shape[0], n, shape[2])], 1))
+                past.append((torch.stack(ks), torch.stack(vs)))
+        # the block sees its whole context: no mask, each branch from its own first key (flash kernels)
+        starts = None if all(n == P for n in lens) else [P - n for n in lens]
+        pos = torch.tensor([start for _, start in prefixes], device=self.device)[:, None].expand(S, L)
+        h = self.net.forward_batch(blk.embeds[None].expand(S, L, -1), pos, blk.gen[None].expand(S, L), None, past,
+                                   key_starts=starts)
+        return self.net.velocity(h[:, 1:-1]).float()
 
     def generate(self, prompts: list[str], seeds: list[int], cfg_scales: list[float], **sampling: Any) -> list[Image.Image]:
         s = S.FlowSampling.model_validate(sampling)
@@ -305,8 +345,7 @@ class BagelUMM:
     @torch.no_grad()
     def _decode(self, blocks: list[Block], max_new: int, seed: int | None = None, temperature: float = 0.0,
                 stop: str = "") -> str:
-        emb, pos, gen, mask, nxt = layout(blocks)
-        h, kv = self.net.forward_packed(emb, pos, gen, mask, return_kv=True)
+        h, kv, nxt = self._run(blocks, return_kv=True)
         logits = self.net.lm_logits(h[-1:]).float()[0]
         banned = [self.ids["bos"], self.ids["soi"], self.ids["eoi"]]
         rng = torch.Generator().manual_seed(int(seed)) if seed is not None and temperature > 0 else None
@@ -323,10 +362,8 @@ class BagelUMM:
             if stop and any(c in self.tok.decode([tok]) for c in stop):
                 break
             e = self.net.embed_text(torch.tensor([tok], device=self.device))
-            P = kv[0][0].shape[1]
             h, kv = self.net.forward_packed(e, torch.tensor([nxt], device=self.device),
-                                            torch.zeros(1, dtype=torch.bool, device=self.device),
-                                            torch.ones((1, P + 1), dtype=torch.bool, device=self.device),
+                                            torch.zeros(1, dtype=torch.bool, device=self.device), None,
                                             past_kv=kv, return_kv=True)
             nxt += 1
             logits = self.net.lm_logits(h).float()[0]
@@ -369,8 +406,7 @@ class BagelUMM:
     @torch.no_grad()
     def _score_digits(self, blocks: list[Block]) -> int:
         """The likeliest score 0-10 after '"score": ', from the digit tokens' probabilities."""
-        emb, pos, gen, mask, _ = layout(blocks)
-        lp = torch.log_softmax(self.net.lm_logits(self.net.forward_packed(emb, pos, gen, mask)[-1:]).float()[0], -1)
+        lp = torch.log_softmax(self.net.lm_logits(self._run(blocks)[0][-1:]).float()[0], -1)
         cands = {n: self.encode(str(n)) for n in range(11)}
         best, best_lp = 0, float("-inf")
         for n, toks in cands.items():
@@ -395,8 +431,7 @@ class BagelUMM:
         errs = []
         for i, ctx in enumerate(contexts):
             blk = self.latent_block(xt[i].to(self.dtype), t[i], side)
-            emb, pos, gen, mask, _ = layout(ctx + [blk])
-            h = self.net.forward_packed(emb, pos, gen, mask)
+            h = self._run(ctx + [blk])[0]
             v = self.net.velocity(h[-blk.embeds.shape[0] + 1:-1]).float()
             errs.append(((v - (noise[i] - x0[i])) ** 2).mean())
         return torch.stack(errs)
@@ -425,8 +460,7 @@ class BagelUMM:
                       else (ex.input_text or T.CAPTION_TEMPLATES[0], ex.target_text or ""))
             ans = self.encode(tgt) + [self.ids["eos"]]
             blocks = [self.vit_block(ex.input_image), self.text_block(q, open_answer=True), self._ids_block(ans)]
-            emb, pos, gen, mask, _ = layout(blocks)
-            h = self.net.forward_packed(emb, pos, gen, mask)
+            h = self._run(blocks)[0]
             logits = self.net.lm_logits(h[-len(ans) - 1:-1]).float()
             losses.append(F.cross_entropy(logits, torch.tensor(ans, device=self.device), reduction="sum"))
             count += len(ans)

@@ -110,3 +110,33 @@ def test_diffusion_dpo_scores_both_images_under_the_same_noise(bagel):
     assert torch.equal(mine.preference_logprobs(pair)[0], twin.preference_logprobs(pair)[0])
     with pytest.raises(NotImplementedError, match="Flow-GRPO"):
         bagel.image_token_logprobs(pair)
+
+
+def test_the_cfg_branches_in_one_batch_equal_each_alone(bagel):
+    """The sampler's branches (a prompt's context, no context, a longer context) run as one padded, masked batch:
+    each branch's velocity is what it is alone."""
+    side, g = 128, 8
+    x = torch.randn((1, g * g, 64), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.7])
+    with torch.no_grad():
+        prefixes = [bagel._prefix([bagel.text_block("a red circle")]), bagel._prefix([]),
+                    bagel._prefix([bagel.text_block("two small dogs left of a large blue car")])]
+        together = bagel._velocities(prefixes, x, t, side)
+        alone = torch.cat([bagel._velocities([p], x, t, side) for p in prefixes])
+    assert together.shape == (3, g * g, 64)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(alone[0], alone[1])  # the context matters
+
+
+def test_attention_by_segments_is_the_masked_attention(bagel):
+    """The mask-free attention (image blocks keep the flash kernels) sees exactly what the packed mask allows."""
+    from model.bagel.umm import segments_of
+
+    im = Image.new("RGB", (128, 128), (10, 200, 40))
+    with torch.no_grad():
+        blocks = [bagel.text_block("a green square"), bagel.vit_block(im),
+                  bagel.latent_block(torch.randn(64, 64), 0.3, 128), bagel.text_block("what is it?", True)]
+        emb, pos, gen, mask, _ = layout(blocks)
+        masked = bagel.net.forward_packed(emb, pos, gen, mask)
+        by_segments = bagel.net.forward_packed(emb, pos, gen, None, segments=segments_of(blocks))
+    torch.testing.assert_close(by_segments, masked, rtol=1e-4, atol=1e-5)
