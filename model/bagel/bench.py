@@ -63,14 +63,15 @@ def _tiny():
 
 
 def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg_scale: float = 4.0,
-                  peak_tflops: float = 790.0, tiny: bool = False) -> dict:
+                  peak_tflops: float = 790.0, tiny: bool = False, image_batch: int = 1) -> dict:
     shape, device, vae = _tiny() if tiny else (BAGEL_7B_MOT, "cuda", None)
     umm = _random_umm(shape, device, vae)
+    umm.settings = umm.settings.model_copy(update={"image_batch": image_batch})
     cfg = umm.cfg
     calls: list[tuple[int, int]] = []
     velocities = umm._velocities
 
-    def counted(prefixes, x, t, side):  # one (queries, keys) per branch: padded keys are not counted
+    def counted(prefixes, x, t, side):  # one (queries, keys) per branch and image: padded keys are not counted
         for kv, _ in prefixes:
             p = 0 if kv is None else kv[0][0].shape[1]
             calls.append((x.shape[1] + 2, p + x.shape[1] + 2))
@@ -79,6 +80,7 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
     umm._velocities = counted
     prompts = ["a photo of a red bicycle and a blue dog", "a photo of three cups on a wooden table"]
     out: dict = {"shape": "BAGEL-7B-MoT (random weights, bf16)", "steps": steps, "cfg_text": cfg_scale,
+                 "image_batch": image_batch,
                  "cfg_interval": [0.0, 1.0], "peak_tflops": peak_tflops,
                  "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     for res in resolutions:
@@ -163,6 +165,38 @@ def bench_train(layers: int = 6, micro_batch: int = 2, steps: int = 5, resolutio
             "loss_last": round(float(loss), 4)}
 
 
+def profile(resolution: int = 512, layers: int = 4) -> str:
+    """torch.profiler's top CUDA kernels for two sampler steps (text CFG, 7B shape) and for one generation-loss
+    forward and backward at `layers` layers (plain torch, no optimizer): where the time goes."""
+    from PIL import Image
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    from model.protocol import CPRExample
+
+    umm = _random_umm(BAGEL_7B_MOT, "cuda")
+    tables = []
+    with torch.inference_mode():
+        umm.generate(["a red cup"], [0], [4.0], steps=3, resolution=resolution)
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            umm.generate(["a red cup"], [0], [4.0], steps=3, resolution=resolution)
+            torch.cuda.synchronize()
+    tables.append(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    del umm
+    torch.cuda.empty_cache()
+    cfg = BAGEL_7B_MOT.model_copy(update={"llm": BAGEL_7B_MOT.llm.model_copy(update={"num_hidden_layers": layers})})
+    umm = _random_umm(cfg, "cuda")
+    umm._train_side = lambda: resolution
+    umm.train()
+    ex = [CPRExample("generation", "a red cup", target_image=Image.new("RGB", (resolution,) * 2, (200, 40, 40)))] * 2
+    umm.kind_loss("generation", ex).backward()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        umm.kind_loss("generation", ex).backward()
+        torch.cuda.synchronize()
+    tables.append(p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    return "\n".join(tables)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
@@ -171,15 +205,22 @@ def main() -> None:
     r.add_argument("--images", type=int, default=4)
     r.add_argument("--steps", type=int, default=50)
     r.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (a check of the bench itself)")
+    r.add_argument("--image-batch", type=int, default=1, help="images drawn at once (Settings.image_batch)")
     t = sub.add_parser("train")
     t.add_argument("--layers", type=int, default=6)
     t.add_argument("--micro-batch", type=int, default=2)
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--resolution", type=int, default=1024)
     t.add_argument("--accum", type=int, default=4)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--resolution", type=int, default=512)
     a = ap.parse_args()
+    if a.what == "profile":
+        print(profile(a.resolution))
+        return
     if a.what == "rollout":
-        print(json.dumps(bench_rollout(tuple(a.resolutions), a.images, a.steps, tiny=a.tiny)))
+        print(json.dumps(bench_rollout(tuple(a.resolutions), a.images, a.steps, tiny=a.tiny,
+                                       image_batch=a.image_batch)))
     else:
         print(json.dumps(bench_train(a.layers, a.micro_batch, a.steps, a.resolution, a.accum)))
 

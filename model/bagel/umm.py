@@ -56,6 +56,9 @@ class Settings(Strict):
     answer_tokens: int = Field(24, ge=1)
     judge_tokens: int = Field(96, ge=1, description="tokens of the judge's analysis")
     judge_mode: Literal["constrained", "free"] = "constrained"
+    image_batch: int = Field(1, ge=1, description="images the sampler draws at once (their CFG branches in one "
+                             "forward). 1: an image is the same whatever else is drawn; more: faster on a GPU, and "
+                             "the bits may depend on the batch's composition")
     vit_max_side: int | None = Field(None, ge=14, description="ViT input side (default: the ViT's image size)")
     train_vision: bool = Field(False, description="train the SigLIP encoder too (the VAE is always frozen)")
     timestep_shift: float | None = Field(None, gt=0, description="training time shift (default: the network's)")
@@ -260,25 +263,28 @@ class BagelUMM:
         side = self._side(sampling)
         g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
         dim = self.cfg.patch_latent_dim
-        out = []
-        for i, seed in enumerate(seeds):
-            gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-            noise = torch.randn((1, g * g, dim), generator=gen).to(self.device)  # on CPU: the same on every device
-            prefixes = [self._prefix(contexts[i]), self._prefix(uncond_text[i]),
-                        self._prefix(uncond_img[i]) if uncond_img is not None else None]
+        out: list[Image.Image] = []
+        k = self.settings.image_batch
+        for g0 in range(0, len(seeds), k):
+            idx = range(g0, min(len(seeds), g0 + k))
+            noise = torch.cat([torch.randn((1, g * g, dim), generator=torch.Generator().manual_seed(
+                int(seeds[i]) & 0x7FFF_FFFF_FFFF_FFFF)) for i in idx])  # on CPU: the same on every device
+            prefixes = [[self._prefix(contexts[i]) for i in idx], [self._prefix(uncond_text[i]) for i in idx],
+                        [self._prefix(uncond_img[i]) for i in idx] if uncond_img is not None else None]
 
             def velocity(x, t, active, prefixes=prefixes):
-                # the branches this step needs, as one batch: one forward over all of them
+                # the branches this step needs, for every image of the group, as one batch: one forward
                 want = [0] + ([1] if bool(active.text.any()) else []) + ([2] if active.img and prefixes[2] else [])
-                v = self._velocities([prefixes[j] for j in want], x, t, side)
-                out = [None, None, None]
-                for k, j in enumerate(want):
-                    out[j] = v[k:k + 1]
-                return tuple(out)
+                n = x.shape[0]
+                v = self._velocities([p for j in want for p in prefixes[j]], x.repeat(len(want), 1, 1),
+                                     t.repeat(len(want)), side)
+                res = [None, None, None]
+                for r, j in enumerate(want):
+                    res[j] = v[r * n:(r + 1) * n]
+                return tuple(res)
 
-            x = S.sample(velocity, noise.float(), sampling, [float(cfg_scales[i])])
-            latents = V.unpack_latents(x, g, g, self.cfg.latent_patch_size)
-            out += V.decode(self.vae, latents)
+            x = S.sample(velocity, noise.to(self.device).float(), sampling, [float(cfg_scales[i]) for i in idx])
+            out += V.decode(self.vae, V.unpack_latents(x, g, g, self.cfg.latent_patch_size))
         return out
 
     def _run(self, blocks: list[Block], return_kv: bool = False):
@@ -296,10 +302,13 @@ class BagelUMM:
         return kv, nxt
 
     def _velocities(self, prefixes: list, x: torch.Tensor, t: torch.Tensor, side: int) -> torch.Tensor:
-        """(S, N, C): the velocity of the one image's latents `x` (1, N, C) under each of S contexts (their KV
-        caches, padded to one length and masked), in one batched forward."""
-        blk = self.latent_block(x[0].to(self.dtype), t[0], side)
+        """(S, N, C): the velocity of latents x[s] (S, N, C) at time t[s] under context s (its KV cache; the
+        caches left-padded to one length, each branch's attention from its own first key), in one batched
+        forward. One latent row per context, or one row for all (the same image under every context)."""
+        rows = [self.latent_block(x[s].to(self.dtype), t[s], side) for s in range(x.shape[0])]
+        blk = rows[0]
         S, L = len(prefixes), blk.embeds.shape[0]
+        embeds = torch.stack([r.embeds for r in rows]).expand(S, L, -1)
         lens = [0 if kv is None else kv[0][0].shape[1] for kv, _ in prefixes]
         P = max(lens)
         past = None
@@ -317,8 +326,7 @@ class BagelUMM:
         # the block sees its whole context: no mask, each branch from its own first key (flash kernels)
         starts = None if all(n == P for n in lens) else [P - n for n in lens]
         pos = torch.tensor([start for _, start in prefixes], device=self.device)[:, None].expand(S, L)
-        h = self.net.forward_batch(blk.embeds[None].expand(S, L, -1), pos, blk.gen[None].expand(S, L), None, past,
-                                   key_starts=starts)
+        h = self.net.forward_batch(embeds, pos, blk.gen[None].expand(S, L), None, past, key_starts=starts)
         return self.net.velocity(h[:, 1:-1]).float()
 
     def generate(self, prompts: list[str], seeds: list[int], cfg_scales: list[float], **sampling: Any) -> list[Image.Image]:
