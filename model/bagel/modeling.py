@@ -161,19 +161,21 @@ class _Route:
 def attend(q, k, v, attn_mask=None, segments=None, key_starts=None):
     """SDPA of q (B, H, L, d) over k, v (B, H, P + L, d), the P cached keys first, in one of three forms:
     - `attn_mask` (B, L, P + L) bool, or None: every query sees every key (the flash kernels apply);
-    - `segments` (one sequence): (start, end, causal) row ranges that each see every key before their end, causal
-      rows their own block's past only: an image block (not causal) needs no mask, so it keeps the flash kernels,
-      and a text block's mask is only its own rows;
+    - `segments` (one sequence): (start, end, causal[, first]) row ranges that each see every key from `first`
+      (default 0: several examples packed in one sequence see only their own) to their end, causal rows their own
+      block's past only: an image block (not causal) needs no mask, so it keeps the flash kernels, and a text
+      block's mask is only its own rows;
     - `key_starts`: sequence b sees keys from key_starts[b] on (left-padded caches of different lengths), no mask.
     """
     if segments is not None:
         P, outs = k.shape[2] - q.shape[2], []
-        for s, e, causal in segments:
-            ke = P + e
+        for seg in segments:
+            s, e, causal = seg[:3]
+            ks, ke = (P + seg[3] if len(seg) > 3 else 0), P + e
             mask = None
             if causal and e - s > 1:  # row i of the block sees keys up to its own absolute position
-                mask = torch.ones((e - s, ke), dtype=torch.bool, device=q.device).tril(diagonal=P + s)
-            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :ke], v[:, :, :ke], attn_mask=mask))
+                mask = torch.ones((e - s, ke - ks), dtype=torch.bool, device=q.device).tril(diagonal=P + s - ks)
+            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:ke], v[:, :, ks:ke], attn_mask=mask))
         return torch.cat(outs, dim=2)
     if key_starts is not None:
         return torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, ks:], v[b:b + 1, :, ks:])

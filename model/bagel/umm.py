@@ -92,8 +92,8 @@ def segments_of(blocks: list[Block]) -> list[tuple[int, int, bool]]:
     return out
 
 
-def layout(blocks: list[Block], start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(embeds, position_ids, gen_mask, attn_mask (L, L), next position) of blocks packed in order."""
+def layout(blocks: list[Block], start: int = 0, with_mask: bool = True):
+    """(embeds, position_ids, gen_mask, attn_mask (L, L) or None, next position) of blocks packed in order."""
     dev = blocks[0].embeds.device
     pos, owner, causal = [], [], []
     p = start
@@ -108,6 +108,8 @@ def layout(blocks: list[Block], start: int = 0) -> tuple[torch.Tensor, torch.Ten
         owner += [b] * n
         causal += [not blk.image] * n
     L = len(pos)
+    if not with_mask:
+        return torch.cat([b.embeds for b in blocks]), torch.tensor(pos, device=dev), torch.cat([b.gen for b in blocks]), None, p
     owner_t = torch.tensor(owner, device=dev)
     idx = torch.arange(L, device=dev)
     same = owner_t[:, None] == owner_t[None, :]
@@ -290,9 +292,21 @@ class BagelUMM:
     def _run(self, blocks: list[Block], return_kv: bool = False):
         """(hidden, kv or None, next position) of blocks packed as one sequence; the attention by segments, so image
         blocks keep the flash kernels (`BagelNet.forward_packed`)."""
-        emb, pos, gen, _, nxt = layout(blocks)
+        emb, pos, gen, _, nxt = layout(blocks, with_mask=False)
         out = self.net.forward_packed(emb, pos, gen, None, return_kv=return_kv, segments=segments_of(blocks))
         return (*out, nxt) if return_kv else (out, None, nxt)
+
+    def _run_packed(self, sequences: list[list[Block]]) -> list[torch.Tensor]:
+        """The hidden states of several sequences packed into one forward (each sees only itself, RoPE from 0 in
+        each, as BAGEL's trainer packs): the layers run once over all their tokens."""
+        parts, segs, offset = [], [], 0
+        for blocks in sequences:
+            parts.append(layout(blocks, with_mask=False))
+            segs += [(s + offset, e + offset, c, offset) for s, e, c in segments_of(blocks)]
+            offset += parts[-1][0].shape[0]
+        h = self.net.forward_packed(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                    torch.cat([p[2] for p in parts]), None, segments=segs)
+        return list(h.split([p[0].shape[0] for p in parts]))
 
     def _prefix(self, blocks: list[Block]):
         """(past_kv, next position) of a context, or (None, 0) for an empty one."""
@@ -436,12 +450,10 @@ class BagelUMM:
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         t = self._flow_time(len(targets), generator).to(self.device)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        errs = []
-        for i, ctx in enumerate(contexts):
-            blk = self.latent_block(xt[i].to(self.dtype), t[i], side)
-            h = self._run(ctx + [blk])[0]
-            v = self.net.velocity(h[-blk.embeds.shape[0] + 1:-1]).float()
-            errs.append(((v - (noise[i] - x0[i])) ** 2).mean())
+        blks = [self.latent_block(xt[i].to(self.dtype), t[i], side) for i in range(len(contexts))]
+        hs = self._run_packed([ctx + [blk] for ctx, blk in zip(contexts, blks)])
+        errs = [((self.net.velocity(h[-blk.embeds.shape[0] + 1:-1]).float() - (noise[i] - x0[i])) ** 2).mean()
+                for i, (h, blk) in enumerate(zip(hs, blks))]
         return torch.stack(errs)
 
     def _train_side(self) -> int:
@@ -462,17 +474,17 @@ class BagelUMM:
 
     def _text_ce(self, exs: list[CPRExample]) -> torch.Tensor:
         """Token-mean cross-entropy of each answer (and its <|im_end|>) given the image and the question."""
-        losses, count = [], 0
+        answers, sequences = [], []
         for ex in exs:
             q, tgt = (self._judgement_target(ex) if ex.kind == "judgement"
                       else (ex.input_text or T.CAPTION_TEMPLATES[0], ex.target_text or ""))
-            ans = self.encode(tgt) + [self.ids["eos"]]
-            blocks = [self.vit_block(ex.input_image), self.text_block(q, open_answer=True), self._ids_block(ans)]
-            h = self._run(blocks)[0]
-            logits = self.net.lm_logits(h[-len(ans) - 1:-1]).float()
-            losses.append(F.cross_entropy(logits, torch.tensor(ans, device=self.device), reduction="sum"))
-            count += len(ans)
-        return torch.stack(losses).sum() / count
+            answers.append(self.encode(tgt) + [self.ids["eos"]])
+            sequences.append([self.vit_block(ex.input_image), self.text_block(q, open_answer=True),
+                              self._ids_block(answers[-1])])
+        hs = self._run_packed(sequences)
+        logits = torch.cat([self.net.lm_logits(h[-len(a) - 1:-1]) for h, a in zip(hs, answers)]).float()
+        target = torch.tensor([t for a in answers for t in a], device=self.device)
+        return F.cross_entropy(logits, target)
 
     def kind_loss(self, kind: str, exs: list[CPRExample]) -> torch.Tensor:
         if kind in IMAGE_KINDS:

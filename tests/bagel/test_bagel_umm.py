@@ -154,3 +154,16 @@ def test_images_drawn_together_are_the_images_drawn_alone(bagel):
         bagel.settings = bagel.settings.model_copy(update={"image_batch": 1})
     for a, b in zip(alone, together):
         assert np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).max() <= 2
+
+
+def test_packed_examples_see_only_themselves(bagel):
+    """Training packs a batch's examples into one forward: each example's hidden states are what it gives alone."""
+    im = Image.new("RGB", (128, 128), (10, 200, 40))
+    with torch.no_grad():
+        seqs = [[bagel.text_block("a green square"), bagel.latent_block(torch.randn(64, 64), 0.3, 128)],
+                [bagel.vit_block(im), bagel.text_block("what is it?", True)],
+                [bagel.text_block("two dogs and a long prompt here"), bagel.latent_block(torch.randn(64, 64), 0.9, 128)]]
+        packed = bagel._run_packed(seqs)
+        alone = [bagel._run(s)[0] for s in seqs]
+    for p, a in zip(packed, alone):
+        torch.testing.assert_close(p, a, rtol=1e-4, atol=1e-5)
