@@ -167,3 +167,24 @@ def test_packed_examples_see_only_themselves(bagel):
         alone = [bagel._run(s)[0] for s in seqs]
     for p, a in zip(packed, alone):
         torch.testing.assert_close(p, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_named_by_ema_safetensors_is_a_checkpoint(bagel, tmp_path):
+    """The official layout names its weights ema.safetensors: the registry, the id and preflight take it."""
+    from configs.loader import load_config
+    from configs.schema import PROJECT_ROOT, CycleConfig
+    from flows.preflight import PreflightError, check_checkpoint
+    from model import registry
+    from storage import Registry
+    from tasks.models import register
+
+    d = bagel.save_pretrained(tmp_path / "child")
+    assert registry.for_directory(str(d)).name == "bagel"
+    ckpt = register(str(d), str(tmp_path / "store"), "default")
+    assert ckpt == bagel.model_id and "ema.safetensors" in Registry(str(tmp_path / "store")).require(ckpt).files
+    recipe = PROJECT_ROOT / "configs/cycle/bagel-tiny-random.yaml"
+    check_checkpoint(load_config(recipe, CycleConfig, [f"run.store={tmp_path}/store", f"model.checkpoint={d}"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreflightError, match="no model.safetensors or ema.safetensors"):
+        check_checkpoint(load_config(recipe, CycleConfig, [f"run.store={tmp_path}/store",
+                                                           f"model.checkpoint={tmp_path / 'empty'}"]))
