@@ -33,7 +33,7 @@ def test_overrides_apply_with_types():
     ("rollout.samples_per_prompt=0", "rollout.samples_per_prompt", "greater than or equal to 1"),
     ("select.threshold=11", "select.threshold", "less than or equal to 10"),
     ("rollout.cfg_min=9", "rollout", "cfg_min (9.0) must be <= cfg_max"),
-    ("model.backend=bagel", "model.backend", "registered: embedded, janus"),
+    ("model.backend=showo", "model.backend", "registered: bagel, embedded, janus"),
     ("rollout.sampling.temperature=0", "rollout.sampling.temperature", "greater than 0"),
     ("benchmark.sampling.steps=20", "benchmark.sampling.steps", "samples with temperature, top_k"),
     ("run.name=../x", "run.name", "invalid run name"),
