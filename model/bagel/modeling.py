@@ -462,20 +462,23 @@ class BagelNet(nn.Module):
 
     def forward_batch(self, embeds: torch.Tensor, position_ids: torch.Tensor, gen_mask: torch.Tensor,
                       attn_mask: torch.Tensor | None, past_kv: list[KV] | None = None,
-                      key_starts: list[int] | None = None) -> torch.Tensor:
+                      key_starts: list[int] | None = None, return_kv: bool = False):
         """`forward_packed` over B sequences of one length L at once (the sampler's CFG branches): embeds (B, L, D),
         position_ids and gen_mask (B, L), attn_mask (B, L, P + L) or None, past_kv per layer (k, v) each
         (B, kv_heads, P, head_dim); `key_starts` in place of a mask: sequence b's cache is left-padded to P and
-        its keys start at key_starts[b]. Returns hidden (B, L, D)."""
+        its keys start at key_starts[b]. Returns hidden (B, L, D); with return_kv, also the per-layer (k, v) over
+        P + L keys, each (B, kv_heads, P + L, head_dim)."""
         B, L, D = embeds.shape
         lm = self.language_model.model
         route = _Route(gen_mask.reshape(-1))
         cos, sin = lm.rotary_emb(embeds, position_ids)
-        x = embeds.reshape(B * L, D)
+        x, kvs = embeds.reshape(B * L, D), []
         for i, layer in enumerate(lm.layers):
-            x, _ = layer(x, route, cos, sin, attn_mask, None if past_kv is None else past_kv[i], B,
-                         key_starts=key_starts)
-        return route(x, lm.norm, lm.norm_moe_gen).view(B, L, D)
+            x, kv = layer(x, route, cos, sin, attn_mask, None if past_kv is None else past_kv[i], B,
+                          key_starts=key_starts)
+            kvs.append(kv)
+        x = route(x, lm.norm, lm.norm_moe_gen).view(B, L, D)
+        return (x, kvs) if return_kv else x
 
     # ---- understanding: images through the ViT
 

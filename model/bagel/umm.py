@@ -56,6 +56,7 @@ class Settings(Strict):
     answer_tokens: int = Field(24, ge=1)
     judge_tokens: int = Field(96, ge=1, description="tokens of the judge's analysis")
     judge_mode: Literal["constrained", "free"] = "constrained"
+    text_batch: int = Field(16, ge=1, description="sequences decoded in lockstep (propose, answer, judge)")
     image_batch: int = Field(1, ge=1, description="images the sampler draws at once (their CFG branches in one "
                              "forward). 1: an image is the same whatever else is drawn; more: faster on a GPU, and "
                              "the bits may depend on the batch's composition")
@@ -323,22 +324,9 @@ class BagelUMM:
         blk = rows[0]
         S, L = len(prefixes), blk.embeds.shape[0]
         embeds = torch.stack([r.embeds for r in rows]).expand(S, L, -1)
-        lens = [0 if kv is None else kv[0][0].shape[1] for kv, _ in prefixes]
-        P = max(lens)
-        past = None
-        if P:
-            past = []
-            for layer in range(len(self.net.language_model.model.layers)):
-                ks, vs = [], []
-                for (kv, _), n in zip(prefixes, lens):  # left-padded: a branch's keys start at P - n
-                    k = kv[layer][0] if kv is not None else blk.embeds.new_zeros(0)
-                    v = kv[layer][1] if kv is not None else blk.embeds.new_zeros(0)
-                    shape = (self.cfg.llm.num_key_value_heads, P - n, self.cfg.llm.head_dim)
-                    ks.append(torch.cat([k.new_zeros(shape), k.view(shape[0], n, shape[2])], 1))
-                    vs.append(torch.cat([v.new_zeros(shape), v.view(shape[0], n, shape[2])], 1))
-                past.append((torch.stack(ks), torch.stack(vs)))
+        past, first, _ = self._stack_caches(prefixes)
         # the block sees its whole context: no mask, each branch from its own first key (flash kernels)
-        starts = None if all(n == P for n in lens) else [P - n for n in lens]
+        starts = first if any(first) else None
         pos = torch.tensor([start for _, start in prefixes], device=self.device)[:, None].expand(S, L)
         h = self.net.forward_batch(embeds, pos, blk.gen[None].expand(S, L), None, past, key_starts=starts)
         return self.net.velocity(h[:, 1:-1]).float()
@@ -364,63 +352,109 @@ class BagelUMM:
         return self._draw(ctx, [c[:2] for c in ctx], [c[2:] for c in ctx], seeds, cfg_scales, s)
 
     # ------------------------------------------------------------------ understanding
+    def _stack_caches(self, prefixes: list) -> tuple[list | None, list[int], int]:
+        """Per-sequence KV caches left-padded to one length P: (per layer (k, v) each (B, kv_heads, P, head_dim),
+        each sequence's first real key, P)."""
+        lens = [0 if kv is None else kv[0][0].shape[1] for kv, _ in prefixes]
+        P = max(lens)
+        if not P:
+            return None, [0] * len(lens), 0
+        h, d = self.cfg.llm.num_key_value_heads, self.cfg.llm.head_dim
+        past = []
+        for layer in range(len(self.net.language_model.model.layers)):
+            ks, vs = [], []
+            for (kv, _), n in zip(prefixes, lens):
+                k = kv[layer][0] if kv is not None else torch.zeros((h, 0, d), device=self.device, dtype=self.dtype)
+                v = kv[layer][1] if kv is not None else torch.zeros((h, 0, d), device=self.device, dtype=self.dtype)
+                ks.append(torch.cat([k.new_zeros((h, P - n, d)), k], 1))
+                vs.append(torch.cat([v.new_zeros((h, P - n, d)), v], 1))
+            past.append((torch.stack(ks), torch.stack(vs)))
+        return past, [P - n for n in lens], P
+
     @torch.no_grad()
     def _decode(self, blocks: list[Block], max_new: int, seed: int | None = None, temperature: float = 0.0,
                 stop: str = "") -> str:
-        h, kv, nxt = self._run(blocks, return_kv=True)
-        logits = self.net.lm_logits(h[-1:]).float()[0]
+        return self._decode_many([blocks], max_new, [seed], temperature, stop)[0]
+
+    @torch.no_grad()
+    def _decode_many(self, contexts: list[list[Block]], max_new: int, seeds: list[int | None] | None = None,
+                     temperature: float = 0.0, stop: str = "") -> list[str]:
+        """Greedy (or seeded, sampled) text after each context, `text_batch` sequences decoded in lockstep: each
+        context is prefilled alone, the caches left-padded into one batch, one forward per new token for all."""
+        out: list[str] = []
+        seeds = seeds or [None] * len(contexts)
         banned = [self.ids["bos"], self.ids["soi"], self.ids["eoi"]]
-        rng = torch.Generator().manual_seed(int(seed)) if seed is not None and temperature > 0 else None
-        toks: list[int] = []
-        for _ in range(max_new):
-            logits[banned] = float("-inf")
-            if rng is None:
-                tok = int(logits.argmax())
-            else:
-                tok = int(torch.multinomial(torch.softmax(logits.cpu() / temperature, -1), 1, generator=rng))
-            if tok == self.ids["eos"]:
-                break
-            toks.append(tok)
-            if stop and any(c in self.tok.decode([tok]) for c in stop):
-                break
-            e = self.net.embed_text(torch.tensor([tok], device=self.device))
-            h, kv = self.net.forward_packed(e, torch.tensor([nxt], device=self.device),
-                                            torch.zeros(1, dtype=torch.bool, device=self.device), None,
-                                            past_kv=kv, return_kv=True)
-            nxt += 1
-            logits = self.net.lm_logits(h).float()[0]
-        return self.tok.decode(toks, skip_special_tokens=True)
+        for g0 in range(0, len(contexts), self.settings.text_batch):
+            group = range(g0, min(len(contexts), g0 + self.settings.text_batch))
+            prefixes, logits = [], []
+            for i in group:
+                h, kv, nxt = self._run(contexts[i], return_kv=True)
+                prefixes.append((kv, nxt))
+                logits.append(self.net.lm_logits(h[-1:]).float()[0])
+            past, starts, _ = self._stack_caches(prefixes)
+            nxt = torch.tensor([p for _, p in prefixes], device=self.device)
+            rngs = [torch.Generator().manual_seed(int(seeds[i])) if seeds[i] is not None and temperature > 0
+                    else None for i in group]
+            logits = torch.stack(logits)
+            toks: list[list[int]] = [[] for _ in group]
+            done = [False] * len(group)
+            for _ in range(max_new):
+                logits[:, banned] = float("-inf")
+                step = []
+                for b, rng in enumerate(rngs):
+                    if rng is None:
+                        tok = int(logits[b].argmax())
+                    else:
+                        tok = int(torch.multinomial(torch.softmax(logits[b].cpu() / temperature, -1), 1, generator=rng))
+                    if not done[b]:
+                        if tok == self.ids["eos"]:
+                            done[b] = True
+                        else:
+                            toks[b].append(tok)
+                            done[b] = bool(stop) and any(c in self.tok.decode([tok]) for c in stop)
+                    step.append(tok)
+                if all(done):
+                    break
+                e = self.net.embed_text(torch.tensor(step, device=self.device))[:, None]
+                h, past = self.net.forward_batch(e, nxt[:, None], torch.zeros((len(step), 1), dtype=torch.bool,
+                                                                             device=self.device),
+                                                 None, past, key_starts=starts if any(starts) else None,
+                                                 return_kv=True)
+                nxt = nxt + 1
+                logits = self.net.lm_logits(h[:, 0]).float()
+            out += [self.tok.decode(t, skip_special_tokens=True) for t in toks]
+        return out
 
     def propose(self, categories: list[str], examples: list[list[str]], seeds: list[int],
                 temperature: float = 0.8) -> list[str]:
-        out = []
-        for c, ex, sd in zip(categories, examples, seeds):
-            q = T.PROPOSE_INSTRUCTION.format(category=c, examples="\n".join(f"- {e}" for e in ex[:3]))
-            text = self._decode([self.text_block(q, open_answer=True)], self.settings.propose_tokens, sd,
-                                temperature, stop="\n")
-            out.append(text.strip().strip("-").strip().strip('"').strip())
-        return out
+        contexts = [[self.text_block(T.PROPOSE_INSTRUCTION.format(
+            category=c, examples="\n".join(f"- {e}" for e in ex[:3])), open_answer=True)]
+            for c, ex in zip(categories, examples)]
+        texts = self._decode_many(contexts, self.settings.propose_tokens, list(seeds), temperature, stop="\n")
+        return [t.strip().strip("-").strip().strip('"').strip() for t in texts]
 
     def answer(self, images: list[Image.Image], questions: list[str]) -> list[str]:
-        return [self._decode([self.vit_block(im), self.text_block(q, open_answer=True)],
-                             self.settings.answer_tokens).strip() for im, q in zip(images, questions)]
+        contexts = [[self.vit_block(im), self.text_block(q, open_answer=True)] for im, q in zip(images, questions)]
+        return [t.strip() for t in self._decode_many(contexts, self.settings.answer_tokens)]
 
     def judge_prompt(self, prompt: str, rubric: Any = None) -> str:
         return T.JUDGE_INSTRUCTION.format(prompt=prompt, rubric=T.rubric_text(rubric))
 
     def judge(self, prompts: list[str], images: list[Image.Image], rubric: Any = None) -> list[Judgement]:
+        contexts = [[self.vit_block(im), self.text_block(self.judge_prompt(p, rubric), open_answer=True)]
+                    for p, im in zip(prompts, images)]
+        if self.settings.judge_mode == "free":
+            raws = self._decode_many(contexts, self.settings.judge_tokens + 16)
+        else:
+            head = '{"analysis": "'
+            analyses = self._decode_many([c + [self._ids_block(self.encode(head))] for c in contexts],
+                                         self.settings.judge_tokens, stop='"\n')
+            analyses = [re.sub(r'["\\\n].*$', "", a, flags=re.S).strip() for a in analyses]
+            scores = [self._score_digits(c + [self._ids_block(self.encode(f'{head}{a}", "score": '))])
+                      for c, a in zip(contexts, analyses)]
+            raws = [json.dumps({"analysis": a, "score": sc}) for a, sc in zip(analyses, scores)]
         out = []
-        for p, im in zip(prompts, images):
-            blocks = [self.vit_block(im), self.text_block(self.judge_prompt(p, rubric), open_answer=True)]
-            if self.settings.judge_mode == "free":
-                raw = self._decode(blocks, self.settings.judge_tokens + 16)
-            else:
-                head = '{"analysis": "'
-                analysis = self._decode(blocks + [self._ids_block(self.encode(head))], self.settings.judge_tokens,
-                                        stop='"\n')
-                analysis = re.sub(r'["\\\n].*$', "", analysis, flags=re.S).strip()
-                score = self._score_digits(blocks + [self._ids_block(self.encode(f'{head}{analysis}", "score": '))])
-                raw = json.dumps({"analysis": analysis, "score": score})
+        for raw in raws:
             reasoning, score = T.parse_judgement(raw)
             out.append(Judgement(reasoning=reasoning, score=score, raw=raw, parse_ok=score is not None))
         return out

@@ -188,3 +188,16 @@ def test_a_checkpoint_named_by_ema_safetensors_is_a_checkpoint(bagel, tmp_path):
     with pytest.raises(PreflightError, match="no model.safetensors or ema.safetensors"):
         check_checkpoint(load_config(recipe, CycleConfig, [f"run.store={tmp_path}/store",
                                                            f"model.checkpoint={tmp_path / 'empty'}"]))
+
+
+def test_texts_decoded_together_are_the_texts_decoded_alone(bagel):
+    """propose / answer / judge decode `text_batch` sequences in lockstep over left-padded caches: each text is
+    what it is decoded alone, greedy or seeded."""
+    im = bagel.generate(["a red circle"], [1], [4.0], **SAMPLING)[0]
+    ctx = [[bagel.vit_block(im), bagel.text_block(q, open_answer=True)]
+           for q in ("what colour?", "how many shapes are in this picture, and where?", "x")]
+    together = bagel._decode_many(ctx, 12)
+    assert together == [bagel._decode_many([c], 12)[0] for c in ctx]
+    sampled = bagel._decode_many(ctx, 12, [5, 6, 7], temperature=0.9)
+    assert sampled == [bagel._decode_many([c], 12, [s], temperature=0.9)[0] for c, s in zip(ctx, [5, 6, 7])]
+    assert sampled != together
