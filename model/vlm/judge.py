@@ -49,6 +49,8 @@ class VLMConfig(Strict):
     model_dir: str | None = Field(None, description="inprocess: the weights' directory (or hub id) vLLM loads")
     python: str | None = Field(None, description="inprocess: the vLLM environment's interpreter "
                                "(default: .venv-vllm/bin/python, or $SELFPLAY_VLLM_PYTHON)")
+    engine_args: dict = Field(default_factory=dict, description="inprocess: more vllm.LLM(...) arguments, e.g. "
+                              "{enforce_eager: false, gpu_memory_utilization: 0.5} on a GPU")
     rubric: str = DEFAULT_RUBRIC
     max_analysis_chars: int = Field(200, ge=8, le=4000)
     max_tokens: int = Field(256, ge=16, le=8192)
@@ -57,8 +59,8 @@ class VLMConfig(Strict):
     backoff_s: float = Field(1.0, ge=0, description="http: the first retry's delay; each next one doubles it")
     concurrency: int = Field(8, ge=1, le=512, description="http: requests in flight at once")
 
-    speed_only: ClassVar[tuple[str, ...]] = ("transport", "endpoint", "model_dir", "python", "timeout_s", "retries",
-                                             "backoff_s", "concurrency")
+    speed_only: ClassVar[tuple[str, ...]] = ("transport", "endpoint", "model_dir", "python", "engine_args",
+                                             "timeout_s", "retries", "backoff_s", "concurrency")
 
     @field_validator("model")
     @classmethod
@@ -196,7 +198,8 @@ class EngineTransport:
         self.stderr = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"selfplay-vllm-engine-{os.getpid()}.log"),
                            "w")
         self.proc = subprocess.Popen(
-            [self.python, "-m", "model.vlm.engine", "--model", self.cfg.model_dir, "--served-name", self.cfg.model],
+            [self.python, "-m", "model.vlm.engine", "--model", self.cfg.model_dir, "--served-name", self.cfg.model,
+             "--llm-kwargs", json.dumps(self.cfg.engine_args)],
             cwd=REPO_ROOT, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
             text=True, bufsize=1)
         line = self.proc.stdout.readline()
