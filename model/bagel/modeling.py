@@ -134,6 +134,10 @@ def vit_patchify(image, max_side: int = 980, *, min_side: int = VIT_MIN_SIDE, pa
 # ---------------------------------------------------------------- per-token routing
 
 
+# the understanding rows are "few" below 1 / FEW of a sequence's rows
+FEW = 32
+
+
 class _Route:
     """Which rows of a packed sequence are understanding and which are generation tokens."""
 
@@ -148,6 +152,15 @@ class _Route:
             return und_fn(x)
         if self.und.numel() == 0:
             return gen_fn(x)
+        if self.und.numel() * FEW <= self.n:
+            # an image block's two markers among its latents: the generation weights run over every row (every op
+            # routed is row-wise) and the few rows are overwritten, so no copy of the many rows is gathered or
+            # scattered; the markers' extra rows cost about 2 / (tokens in the block) of the work
+            out = gen_fn(x)
+            if out.data_ptr() == x.data_ptr():  # an identity (no QK-norm): never write into the input
+                out = out.clone()
+            out[self.und] = und_fn(x[self.und])
+            return out
         yu, yg = und_fn(x[self.und]), gen_fn(x[self.gen])
         out = yu.new_empty((self.n, *yu.shape[1:]))
         out[self.und] = yu

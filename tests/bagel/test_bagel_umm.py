@@ -201,3 +201,26 @@ def test_texts_decoded_together_are_the_texts_decoded_alone(bagel):
     sampled = bagel._decode_many(ctx, 12, [5, 6, 7], temperature=0.9)
     assert sampled == [bagel._decode_many([c], 12, [s], temperature=0.9)[0] for c, s in zip(ctx, [5, 6, 7])]
     assert sampled != together
+
+
+def test_routing_a_block_of_latents_by_overwriting_its_few_markers_is_exact(bagel, monkeypatch):
+    """An image block's two markers among its latents: the generation weights run over every row and the markers'
+    rows are overwritten; outputs and gradients equal routing by gather and scatter."""
+    from model.bagel import modeling
+
+    latents = torch.randn(64, 64)
+
+    def run():
+        bagel.net.zero_grad(set_to_none=True)
+        h = bagel._run([bagel.latent_block(latents, 0.4, 128)])[0]  # 2 markers among 66 rows: "few"
+        h.square().mean().backward()
+        g = bagel.net.language_model.model.layers[0].mlp.up_proj.weight.grad.clone()
+        return h.detach(), g
+
+    assert 2 * modeling.FEW <= 66
+    few, g_few = run()
+    monkeypatch.setattr(modeling, "FEW", 10**9)  # never "few": gather and scatter every time
+    full, g_full = run()
+    torch.testing.assert_close(few, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_few, g_full, rtol=1e-4, atol=1e-7)
+    bagel.net.zero_grad(set_to_none=True)
