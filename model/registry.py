@@ -69,6 +69,18 @@ class UnknownBackendError(ValueError):
     pass
 
 
+def save_atomically(directory: str | os.PathLike, save: Callable[[str], Any]) -> None:
+    """`save(folder)` into a sibling temporary folder, then moved into place: a base checkpoint materialised by a
+    backend is whole or absent, never half-written."""
+    import shutil
+
+    tmp = f"{os.fspath(directory)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
 def register(backend: Backend) -> Backend:
     _BACKENDS[backend.name] = backend
     return backend
@@ -121,6 +133,17 @@ def device_of(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: Any, device: str) -> Any:
+    """A model's torch dtype from its config: 'auto' is bf16 on a GPU, fp32 on a CPU."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 # Models stay resident per process, keyed by checkpoint directory and section: a worker loads a stage's model once

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from model.registry import Backend, ModelSection, register
+from model.registry import Backend, ModelSection, register, save_atomically
 
 
 class BagelSection(ModelSection):
@@ -61,11 +59,7 @@ def _base(cfg: BagelSection, cache_dir: str) -> str:
         net_cfg, vae_cfg = _shape(cfg)
         umm = BagelUMM.random(net_cfg, vae_cfg, tiny_qwen2_tokenizer(), device="cpu",
                               dtype="float32" if cfg.dtype == "auto" else cfg.dtype, settings=cfg.settings)
-        tmp = d.with_name(d.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        umm.save_pretrained(tmp)
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+        save_atomically(d, umm.save_pretrained)
     return str(d)
 
 

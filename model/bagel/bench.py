@@ -41,8 +41,7 @@ def _random_umm(cfg: BagelConfig, device: str, vae_config: dict | None = None):
         net = BagelNet(cfg)
     net = net.to_empty(device=device).to(dtype)
     net.init_weights()
-    lm = net.language_model.model  # to_empty left RoPE's non-persistent tables uninitialised
-    lm.rotary_emb = type(lm.rotary_emb)(config=lm.rotary_emb.config).to(device)
+    net.restore_rope(device)
     with torch.no_grad():
         net.llm2vae.weight.normal_(0.0, cfg.llm.initializer_range)
     vae = build_vae(vae_config or FLUX_VAE_CONFIG).to(device, dtype).eval()

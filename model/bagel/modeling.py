@@ -437,6 +437,12 @@ class BagelNet(nn.Module):
         self.llm2vae.weight.zero_()
         self.llm2vae.bias.zero_()
 
+    def restore_rope(self, device: str | torch.device = "cpu") -> None:
+        """RoPE's tables are non-persistent buffers: a network built on the meta device and then loaded
+        (`load_state_dict(assign=True)`) or materialised (`to_empty`) has none. Rebuild them on `device`."""
+        lm = self.language_model.model
+        lm.rotary_emb = type(lm.rotary_emb)(config=lm.rotary_emb.config).to(device)
+
     # ---- the LLM
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ bagel_net.json and bagel_umm.json (ours: the rest of the network config, the VAE
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +39,7 @@ from model.bagel.modeling import BagelNet
 from model.ids import checkpoint_id_of_file
 from model.janus import text as T
 from model.protocol import ROLES, CPRExample, Judgement, LossTerm
+from model.registry import resolve_dtype
 
 WEIGHTS = "ema.safetensors"
 AE = "ae.safetensors"
@@ -65,14 +65,6 @@ class Settings(Strict):
     timestep_shift: float | None = Field(None, gt=0, description="training time shift (default: the network's)")
     loss_weights: dict[str, float] = Field(default_factory=lambda: {"caption": 0.1, "judgement": 0.1},
                                            description="per-kind weights: UniCorn's ce_weight 0.1 on text CE")
-
-
-def _dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
 class Block:
@@ -144,7 +136,7 @@ class BagelUMM:
         with torch.no_grad():
             net.llm2vae.weight.normal_(0.0, cfg.llm.initializer_range)
         vae = V.build_vae(vae_config)
-        dt = _dtype(dtype, device)
+        dt = resolve_dtype(dtype, device)
         return cls(net.to(device, dt), vae.to(device).eval(), tokenizer, Settings.model_validate(settings or {}))
 
     @classmethod
@@ -160,12 +152,11 @@ class BagelUMM:
             net = BagelNet(cfg)
         state = load_file(str(d / WEIGHTS), device="cpu")
         net.load_state_dict(state, strict=True, assign=True)
-        lm = net.language_model.model  # RoPE's tables are non-persistent buffers, not in the file: rebuild them
-        lm.rotary_emb = type(lm.rotary_emb)(config=lm.rotary_emb.config)
+        net.restore_rope()
         stray = [n for n, b in net.named_buffers() if b.is_meta]
         if stray:
             raise ValueError(f"{directory}: buffers {stray[:3]} were not restored from {WEIGHTS}")
-        dt = _dtype(dtype, device)
+        dt = resolve_dtype(dtype, device)
         vae = V.load_ae(d / AE, meta.get("vae_config", V.FLUX_VAE_CONFIG), device=device)
         tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
         s = Settings.model_validate({**meta.get("settings", {}), **(settings or {})})
@@ -449,15 +440,11 @@ class BagelUMM:
             head = '{"analysis": "'
             analyses = self._decode_many([c + [self._ids_block(self.encode(head))] for c in contexts],
                                          self.settings.judge_tokens, stop='"\n')
-            analyses = [re.sub(r'["\\\n].*$', "", a, flags=re.S).strip() for a in analyses]
+            analyses = [T.analysis_only(a) for a in analyses]
             scores = [self._score_digits(c + [self._ids_block(self.encode(f'{head}{a}", "score": '))])
                       for c, a in zip(contexts, analyses)]
             raws = [json.dumps({"analysis": a, "score": sc}) for a, sc in zip(analyses, scores)]
-        out = []
-        for raw in raws:
-            reasoning, score = T.parse_judgement(raw)
-            out.append(Judgement(reasoning=reasoning, score=score, raw=raw, parse_ok=score is not None))
-        return out
+        return [T.judgement_of(raw) for raw in raws]
 
     @torch.no_grad()
     def _score_digits(self, blocks: list[Block]) -> int:

@@ -11,13 +11,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from model.registry import Backend, ModelSection, register
+from model.registry import Backend, ModelSection, register, save_atomically
 
 WEIGHTS = "model.safetensors"
 
@@ -62,11 +61,7 @@ def _base(cfg: JanusSection, cache_dir: str) -> str:
             umm = JanusUMM.random(cfg.janus_config, device="cpu", dtype=dt, settings=cfg.settings)
         else:
             umm = JanusUMM.from_pretrained(cfg.path, device="cpu", dtype=dt, settings=cfg.settings)
-        tmp = d.with_name(d.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        umm.save_pretrained(tmp)
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+        save_atomically(d, umm.save_pretrained)
     return str(d)
 
 

@@ -90,6 +90,20 @@ _SCORE_RE = re.compile(r'"?score"?\s*[:=]\s*"?(-?\d+(?:\.\d+)?)')
 _ANALYSIS_RE = re.compile(r'"analysis"\s*:\s*"((?:[^"\\]|\\.)*)"', re.S)
 
 
+def analysis_only(text: str) -> str:
+    """A constrained judge's analysis: what it wrote before the string would close (a quote, an escape, a line)."""
+    return re.sub(r'["\\\n].*$', "", text, flags=re.S).strip()
+
+
+def judgement_of(raw: str):
+    """A judge's output as a Judgement: parsed robustly (`parse_judgement`), parse_ok False with no score when it
+    does not parse."""
+    from model.protocol import Judgement
+
+    reasoning, score = parse_judgement(raw)
+    return Judgement(reasoning=reasoning, score=score, raw=raw, parse_ok=score is not None)
+
+
 def parse_judgement(raw: str) -> tuple[str, int | None]:
     """(reasoning, score 0-10 or None) from a judge's output, robustly.
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +34,7 @@ from configs.loader import Strict
 from model.janus import text as T
 from model.janus.rollout import ImageRollout
 from model.ids import checkpoint_id, checkpoint_id_of_file
+from model.registry import resolve_dtype
 from model.protocol import ROLES, CPRExample, Judgement, LossTerm, guide, sampling_policy
 
 WEIGHTS = "model.safetensors"
@@ -62,14 +62,6 @@ class Settings(Strict):
     temperature: float = 1.0
     train_vision: bool = Field(False, description="train the SigLIP encoder too (the VQ model is always frozen)")
     loss_weights: dict[str, float] = Field(default_factory=dict, description="per-kind weights (default 1)")
-
-
-def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def _check_lengths(**lists) -> None:
@@ -121,7 +113,7 @@ class JanusUMM:
 
         tok = T.byte_tokenizer()
         cfg = janus_config(config, tok)
-        dt = _resolve_dtype(dtype, device)
+        dt = resolve_dtype(dtype, device)
         torch.manual_seed(seed)
         with torch.device(device):
             net = JanusForConditionalGeneration(cfg)
@@ -137,7 +129,7 @@ class JanusUMM:
         trust_remote_code stays off: Janus is native to transformers."""
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-        dt = _resolve_dtype(dtype, device)
+        dt = resolve_dtype(dtype, device)
         net = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dt, trust_remote_code=False,
                                                             use_safetensors=True)
         net.to(device)
@@ -436,15 +428,11 @@ class JanusUMM:
             head = ' {"analysis": "'
             seqs = [self.und_ids(q, head) for q in questions]
             analyses = self._generate_text(seqs, images, self.settings.judge_tokens, stop_chars='"\n')
-            analyses = [re.sub(r'["\\\n].*$', "", a, flags=re.S).strip() for a in analyses]
+            analyses = [T.analysis_only(a) for a in analyses]
             scores = self._score_digits([s + self.encode(a + '", "score": ') for s, a in zip(seqs, analyses)],
                                         images)
             raws = [json.dumps({"analysis": a, "score": sc}) for a, sc in zip(analyses, scores)]
-        out = []
-        for raw in raws:
-            reasoning, score = T.parse_judgement(raw)
-            out.append(Judgement(reasoning=reasoning, score=score, raw=raw, parse_ok=score is not None))
-        return out
+        return [T.judgement_of(raw) for raw in raws]
 
     @torch.no_grad()
     def _score_digits(self, seqs: list[list[int]], images: list[Image.Image]) -> list[int]:
