@@ -52,6 +52,14 @@ def is_teacher(judge_id: str) -> bool:
     return judge_id.startswith("vlm:")
 
 
+def check_training_judges(stage: str, judges: set[str]) -> None:
+    """Training data comes from one judge: the model's own ('self'), or an external VLM as a teacher ('vlm:*');
+    the oracle only measures. Raises ValueError naming the stage and the judges otherwise."""
+    if len(judges) != 1 or not (judges == {"self"} or is_teacher(next(iter(judges)))):
+        raise ValueError(f"{stage}: judgements come from {sorted(judges)}; training data comes from one judge: the "
+                         "model's own ('self'), or an external VLM as a teacher ('vlm:*'); the oracle only measures")
+
+
 def make_judge(name: str, ctx: Any, vlm: Any = None) -> Judge:
     if name == "self":
         return SelfJudge(ctx.model)

@@ -20,7 +20,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from configs.schema import ReconstructConfig
-from model.judges import is_teacher
+from model.judges import check_training_judges
 from storage import DatasetRef
 from tasks.examples import EXAMPLES, example_row
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read, stable_seed
@@ -128,10 +128,7 @@ def run(inputs: dict[str, DatasetRef], cfg: ReconstructConfig, ctx: StageContext
         refresh: bool = False) -> dict[str, DatasetRef]:
     judges = set(read(inputs["judgements"], ["judge_id"]).column("judge_id").to_pylist())
     # GRPO's advantages and the judgement kind come from these scores, not only select's: the same rule as select's
-    if len(judges) != 1 or not (judges == {"self"} or is_teacher(next(iter(judges)))):
-        raise ValueError(f"reconstruct: judgements come from {sorted(judges)}; training data comes from one judge: "
-                         "the model's own ('self'), or an external VLM as a teacher ('vlm:*'); the oracle only "
-                         "measures")
+    check_training_judges("reconstruct", judges)
     templates = tuple(getattr(ctx.model, "caption_templates", GENERIC_CAPTION_TEMPLATES))
     cache: dict[str, list] = {}
 

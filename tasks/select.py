@@ -15,7 +15,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from configs.schema import SelectConfig
-from model.judges import is_teacher
+from model.judges import check_training_judges
 from storage import DatasetRef
 from tasks.stage import StageContext, StageSpec, build_plan, make_plan, read, stable_seed
 
@@ -50,10 +50,7 @@ def run(inputs: dict[str, DatasetRef], cfg: SelectConfig, ctx: StageContext,
     """Returns refs of three datasets: selections, discard_pool and seed_library."""
     judged = read(inputs["judgements"], ["prompt_id", "sample_idx", "judge_id", "score"]).to_pylist()
     judges = {r["judge_id"] for r in judged}
-    if len(judges) != 1 or not (judges == {"self"} or is_teacher(next(iter(judges)))):
-        raise ValueError(f"select: judgements come from {sorted(judges)}; training data is selected by one judge: "
-                         "the model's own ('self'), or an external VLM as a teacher ('vlm:*'); the oracle only "
-                         "measures")
+    check_training_judges("select", judges)
     prompts = {r["prompt_id"]: r for r in read(inputs["prompts"], ["prompt_id", "prompt", "category"]).to_pylist()}
     scores: dict[str, dict[int, int | None]] = defaultdict(dict)
     for r in judged:
