@@ -16,6 +16,7 @@ from typing import Any
 from configs.loader import ConfigError, validate
 from configs.schema import CycleConfig
 from flows.dags import Dag, DagError
+from model import registry
 from storage import Registry, Store
 from storage.checkpoints import WEIGHTS_FILES, weights_file
 from tasks import STAGES
@@ -44,6 +45,12 @@ def check_checkpoint(cfg: CycleConfig) -> None:
     section, store = cfg.model, cfg.run.store
     pointer = section.checkpoint
     if pointer == "base":
+        check_base = registry.get(section.backend).check_base
+        if check_base is not None:
+            try:
+                check_base(section)
+            except ValueError as exc:
+                raise PreflightError(str(exc)) from None
         return
     reg = Registry(store, section.registry_line)
     if pointer == "promoted":

@@ -60,6 +60,9 @@ class Backend:
     cli: Callable[[Any], None] | None = None
     # the typed sampling parameters its generate and reflect take as keywords (rollout.sampling, benchmark.sampling)
     sampling: type[Strict] = TokenSampling
+    # (section) -> raises ValueError when the section's base weights cannot be had, checked before any work
+    # (preflight), or None
+    check_base: Callable[[Any], None] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}

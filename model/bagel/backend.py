@@ -43,14 +43,20 @@ def _load(cfg: BagelSection, directory: str, device: str):
     return BagelUMM.from_pretrained(directory, device=device, dtype=cfg.dtype, settings=cfg.settings)
 
 
+def _check_base(cfg: BagelSection) -> None:
+    from model.bagel.umm import is_bagel_dir
+
+    if not cfg.random_weights and (not cfg.path or not is_bagel_dir(cfg.path)):
+        raise ValueError(f"model.path {cfg.path!r}: model.backend 'bagel' needs a directory in the official BAGEL "
+                         "layout (llm_config.json, ema.safetensors, ...) or model.random_weights: true")
+
+
 def _base(cfg: BagelSection, cache_dir: str) -> str:
     from model.bagel.umm import BagelUMM, is_bagel_dir
     from model.vlm.tiny import tiny_qwen2_tokenizer
 
+    _check_base(cfg)
     if not cfg.random_weights:
-        if not cfg.path or not is_bagel_dir(cfg.path):
-            raise ValueError("model.backend 'bagel' needs model.path (a directory in the official BAGEL layout: "
-                             "llm_config.json, ema.safetensors, ...) or model.random_weights: true")
         return cfg.path
     key = hashlib.sha256(json.dumps({"shape": cfg.shape, "vae": cfg.vae, "dtype": cfg.dtype,
                                      "settings": cfg.settings}, sort_keys=True).encode()).hexdigest()[:12]
@@ -82,4 +88,4 @@ def _sampling():
 
 
 register(Backend(name="bagel", config=BagelSection, load=_load, base_checkpoint=_base, owns=_owns,
-                 load_trainable=_load_trainable, sampling=_sampling()))
+                 load_trainable=_load_trainable, sampling=_sampling(), check_base=_check_base))

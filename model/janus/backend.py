@@ -39,13 +39,17 @@ def _load(cfg: JanusSection, directory: str, device: str):
     return JanusUMM.from_pretrained(directory, device=device, dtype=cfg.dtype, settings=cfg.settings)
 
 
+def _check_base(cfg: JanusSection) -> None:
+    if not cfg.random_weights and not cfg.path:
+        raise ValueError("model.backend 'janus' needs model.path (hub id or local directory) or "
+                         "model.random_weights: true")
+
+
 def _base(cfg: JanusSection, cache_dir: str) -> str:
     from model.janus.umm import JanusUMM
 
+    _check_base(cfg)
     if not cfg.random_weights:
-        if not cfg.path:
-            raise ValueError("model.backend 'janus' needs model.path (hub id or local directory) or "
-                             "model.random_weights: true")
         if os.path.isdir(cfg.path) and os.path.isfile(os.path.join(cfg.path, WEIGHTS)):
             return cfg.path
     if cfg.random_weights:
@@ -78,4 +82,4 @@ def _load_trainable(directory: str, device: str, dtype: str):
 
 
 register(Backend(name="janus", config=JanusSection, load=_load, base_checkpoint=_base, owns=_owns,
-                 load_trainable=_load_trainable))
+                 load_trainable=_load_trainable, check_base=_check_base))

@@ -224,3 +224,21 @@ def test_routing_a_block_of_latents_by_overwriting_its_few_markers_is_exact(bage
     torch.testing.assert_close(few, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_few, g_full, rtol=1e-4, atol=1e-7)
     bagel.net.zero_grad(set_to_none=True)
+
+
+def test_a_bagel_recipe_without_usable_weights_is_one_line_before_any_work(tmp_path):
+    """model.path must be a directory in the official layout unless the weights are random: refused by preflight
+    (exit 2, one line, nothing written), not by a traceback once the run has started."""
+    from typer.testing import CliRunner
+
+    from configs.schema import PROJECT_ROOT
+    from flows.cli import app
+
+    store = tmp_path / "store"
+    args = ["run", str(PROJECT_ROOT / "configs/cycle/bagel-tiny-random.yaml"), f"run.store={store}",
+            "model.random_weights=false", f"model.path={tmp_path / 'nowhere'}"]
+    res = CliRunner().invoke(app, args)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: model.path") and "official BAGEL layout" in lines[0]
+    assert not store.exists() or not any(store.rglob("*"))
