@@ -62,10 +62,10 @@ def _tiny():
 
 
 def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg_scale: float = 4.0,
-                  peak_tflops: float = 790.0, tiny: bool = False, image_batch: int = 1) -> dict:
+                  peak_tflops: float = 790.0, tiny: bool = False, image_batch: int = 1, compile: bool = True) -> dict:
     shape, device, vae = _tiny() if tiny else (BAGEL_7B_MOT, "cuda", None)
     umm = _random_umm(shape, device, vae)
-    umm.settings = umm.settings.model_copy(update={"image_batch": image_batch})
+    umm.settings = umm.settings.model_copy(update={"image_batch": image_batch, "compile": compile})
     cfg = umm.cfg
     calls: list[tuple[int, int]] = []
     velocities = umm._velocities
@@ -79,7 +79,7 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
     umm._velocities = counted
     prompts = ["a photo of a red bicycle and a blue dog", "a photo of three cups on a wooden table"]
     out: dict = {"shape": "BAGEL-7B-MoT (random weights, bf16)", "steps": steps, "cfg_text": cfg_scale,
-                 "image_batch": image_batch,
+                 "image_batch": image_batch, "compile": compile,
                  "cfg_interval": [0.0, 1.0], "peak_tflops": peak_tflops,
                  "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     for res in resolutions:
@@ -107,15 +107,21 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
 
 
 def bench_train(layers: int = 6, micro_batch: int = 2, steps: int = 5, resolution: int = 1024, accum: int = 4,
-                zero_stage: int = 2) -> dict:
-    """DeepSpeed (ZeRO-`zero_stage`, bf16, one GPU) optimizer steps of the generation loss at the real widths with
-    `layers` decoder layers, `accum` micro-batches each (UniCorn accumulates 4); the ViT is frozen as in the cycle,
-    the VAE encodes the targets. The first two steps are not timed."""
+                zero_stage: int = 2, compile: bool = True, latent_cache: bool = True, profile_step: bool = False,
+                distinct: int = 0, tiny: bool = False) -> dict:
+    """DeepSpeed (ZeRO-`zero_stage`, bf16, one GPU, fused AdamW as the posttrain worker) optimizer steps of the
+    generation loss at the real widths with `layers` decoder layers, `accum` micro-batches each (UniCorn
+    accumulates 4); the ViT is frozen as in the cycle. The VAE encodes each target once (`latent_cache`; off: at
+    every step); `distinct` target images in all (0: one micro-batch's worth, reused), drawn in turn. The first two
+    steps are not timed. `compile`: the fused norms, rotary and SiLU-multiply (`Settings.compile`); the JSON
+    gives the loss of one batch with and without them (`fused_loss_rel_diff`). `profile_step`: the top CUDA kernels
+    of one more optimizer step, printed."""
     import os
 
     import deepspeed
     from PIL import Image
 
+    from model.bagel import vae as V
     from model.protocol import CPRExample
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -123,36 +129,75 @@ def bench_train(layers: int = 6, micro_batch: int = 2, steps: int = 5, resolutio
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    cfg = BAGEL_7B_MOT.model_copy(update={"llm": BAGEL_7B_MOT.llm.model_copy(update={"num_hidden_layers": layers})})
-    umm = _random_umm(cfg, "cuda")
-    umm.settings = umm.settings.model_copy(update={"timestep_shift": 1.0})
+    shape, device, vae = _tiny() if tiny else (BAGEL_7B_MOT, "cuda", None)
+    cuda = device == "cuda"
+    cfg = shape.model_copy(update={"llm": shape.llm.model_copy(update={"num_hidden_layers": layers})})
+    umm = _random_umm(cfg, device, vae)
+    umm.settings = umm.settings.model_copy(update={"timestep_shift": 1.0, "compile": compile,
+                                                  "latent_cache_gib": 8.0 if latent_cache else 0.0})
     umm._train_side = lambda: resolution
     umm.train()
     params = [p for p in umm.net.parameters() if p.requires_grad]
     ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accum,
-          "bf16": {"enabled": True}, "zero_optimization": {"stage": zero_stage, "overlap_comm": True,
+          "bf16": {"enabled": cuda}, "zero_optimization": {"stage": zero_stage, "overlap_comm": cuda,
                                                            "contiguous_gradients": True},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.0,
-                                                    "torch_adam": True}},  # no JIT build of the fused op
           "gradient_clipping": 1.0, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=umm.net, model_parameters=params, config=ds)
-    exs = [CPRExample("generation", f"a photo of {i} red cups", target_image=Image.new("RGB", (resolution,) * 2,
-                                                                                      (40 * i % 255, 90, 160)))
-           for i in range(micro_batch)]
-    tokens = sum(umm.tokens_per_example(e) for e in exs)
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=cuda)
+    engine, _, _, _ = deepspeed.initialize(model=umm.net, optimizer=opt, config=ds)
+    g = torch.Generator().manual_seed(0)
+    n_images = max(distinct, micro_batch)
+    # noise images: a flat colour would let the VAE's convolutions see nothing but constants
+    exs_all = [CPRExample("generation", f"a photo of {i} red cups", target_image=Image.fromarray(
+        torch.randint(0, 256, (resolution, resolution, 3), generator=g, dtype=torch.uint8).numpy()))
+        for i in range(n_images)]
+    batches = [[exs_all[(b * micro_batch + j) % n_images] for j in range(micro_batch)]
+               for b in range(max(1, n_images // micro_batch))]
+    exs = batches[0]
+    tokens = sum(umm.tokens_per_example(e) for e in exs_all) / n_images * micro_batch
+    diff = None
+    with torch.no_grad():  # the fused kernels against eager on one batch, the same noise and times
+        losses = []
+        for on in (True, False):
+            umm.net.fuse_kernels(on)
+            losses.append(float(umm._flow_errors([umm._image_context(e, resolution) for e in exs],
+                                                 [e.target_image for e in exs], resolution,
+                                                 torch.Generator().manual_seed(1)).mean()))
+        umm.net.fuse_kernels(compile)
+        diff = abs(losses[0] - losses[1]) / max(abs(losses[1]), 1e-12)
+        _sync()
+        t0 = time.perf_counter()
+        V.posterior(umm.vae, [e.target_image for e in exs])
+        _sync()
+        encode_s = (time.perf_counter() - t0) / len(exs)  # what a target's first sight costs, beside the step
     gen_layer = sum(p.numel() for n, p in umm.net.named_parameters() if "moe_gen" in n and ".layers." in n)
     # the generation path: the generation expert of every layer (latent tokens are nearly all the tokens)
     n_path = gen_layer + umm.net.vae2llm.weight.numel() + umm.net.llm2vae.weight.numel()
     times = []
-    for step in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    micro = 0
+
+    def one_step():
+        nonlocal micro
         for _ in range(accum):
-            loss = umm.kind_loss("generation", exs)
+            loss = umm.kind_loss("generation", batches[micro % len(batches)])
+            micro += 1
             engine.backward(loss)
             engine.step()
-        torch.cuda.synchronize()
+        return loss
+
+    for step in range(steps):
+        _sync()
+        t0 = time.perf_counter()
+        loss = one_step()
+        _sync()
         times.append(time.perf_counter() - t0)
+    if profile_step:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            one_step()
+            _sync()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
     step_s = sum(times[2:]) / max(1, len(times[2:]))
     tokens *= accum
     total = sum(p.numel() for p in umm.net.parameters())
@@ -160,8 +205,10 @@ def bench_train(layers: int = 6, micro_batch: int = 2, steps: int = 5, resolutio
             "trainable": sum(p.numel() for p in params), "params_on_path": n_path, "micro_batch": micro_batch,
             "resolution": resolution, "accum": accum, "tokens_per_step": tokens, "step_s": round(step_s, 3),
             "tokens_per_s": round(tokens / step_s, 1), "mfu": round(6 * n_path * tokens / step_s / 989e12, 4),
-            "zero_stage": zero_stage, "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-            "loss_last": round(float(loss), 4)}
+            "zero_stage": zero_stage, "loss_last": round(float(loss.detach()), 4), "compile": compile,
+            "latent_cache": latent_cache, "distinct_images": n_images, "fused_loss_rel_diff": diff,
+            "vae_encode_s_per_image": round(encode_s, 4), "step_times": [round(t, 3) for t in times],
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None}
 
 
 def profile(resolution: int = 512, layers: int = 4) -> str:
@@ -205,12 +252,18 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=50)
     r.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (a check of the bench itself)")
     r.add_argument("--image-batch", type=int, default=1, help="images drawn at once (Settings.image_batch)")
+    r.add_argument("--eager", action="store_true", help="no torch.compile'd norms / rotary / SiLU")
     t = sub.add_parser("train")
     t.add_argument("--layers", type=int, default=6)
     t.add_argument("--micro-batch", type=int, default=2)
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--resolution", type=int, default=1024)
     t.add_argument("--accum", type=int, default=4)
+    t.add_argument("--eager", action="store_true", help="no torch.compile'd norms / rotary / SiLU")
+    t.add_argument("--no-latent-cache", action="store_true", help="the VAE encodes every target at every step")
+    t.add_argument("--distinct", type=int, default=0, help="distinct target images, drawn in turn")
+    t.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one more step")
+    t.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (a check of the bench itself)")
     pr = sub.add_parser("profile")
     pr.add_argument("--resolution", type=int, default=512)
     a = ap.parse_args()
@@ -219,9 +272,11 @@ def main() -> None:
         return
     if a.what == "rollout":
         print(json.dumps(bench_rollout(tuple(a.resolutions), a.images, a.steps, tiny=a.tiny,
-                                       image_batch=a.image_batch)))
+                                       image_batch=a.image_batch, compile=not a.eager)))
     else:
-        print(json.dumps(bench_train(a.layers, a.micro_batch, a.steps, a.resolution, a.accum)))
+        print(json.dumps(bench_train(a.layers, a.micro_batch, a.steps, a.resolution, a.accum, compile=not a.eager,
+                                     latent_cache=not a.no_latent_cache, profile_step=a.profile,
+                                     distinct=a.distinct, tiny=a.tiny)))
 
 
 if __name__ == "__main__":

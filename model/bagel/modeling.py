@@ -19,6 +19,7 @@ markers are text tokens and use the understanding weights; only latent tokens us
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -131,6 +132,73 @@ def vit_patchify(image, max_side: int = 980, *, min_side: int = VIT_MIN_SIDE, pa
     return patchify(x, patch_size), flattened_position_ids_extrapolate(rows, cols, max_num_patch_per_side), (rows, cols)
 
 
+# ---------------------------------------------------------------- fused elementwise work (GPU)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2RMSNorm's arithmetic, op for op."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _rope(q, k, cos, sin):
+    return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+
+
+FUSE_ON = {"cuda"}  # device types where `fuse` takes effect (CPU compiles slowly and gains little)
+_COMPILED: dict = {}
+_RAN: set = set()
+_EAGER: list[str] = []  # set once the compiler has failed: everything runs eagerly from then on
+
+
+def fused(fn, *args):
+    """fn(*args) through torch.compile: Inductor makes each of these elementwise chains one kernel forward and one
+    backward, where eager runs five to eight, each a round trip through memory. Dynamic shapes: the rows change
+    with every sequence. A compiler that cannot take it warns once and everything runs eagerly."""
+    if not _EAGER:
+        if fn not in _COMPILED:
+            _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        try:
+            out = _COMPILED[fn](*args)
+            _RAN.add(fn)
+            return out
+        except Exception as exc:  # noqa: BLE001 - a compiler problem, unless this function already ran compiled
+            if fn in _RAN:
+                raise
+            warnings.warn(f"BAGEL: torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); running eagerly",
+                          stacklevel=2)
+            _EAGER.append(repr(exc))
+    return fn(*args)
+
+
+class RMSNorm(Qwen2RMSNorm):
+    """Qwen2RMSNorm (same parameter, same arithmetic), fused on a GPU when the network says so."""
+
+    fuse = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse and x.device.type in FUSE_ON:
+            return fused(_rms_norm, x, self.weight, self.variance_epsilon)
+        return super().forward(x)
+
+
+class MLP(Qwen2MLP):
+    """Qwen2MLP with its SiLU-and-multiply fused on a GPU when the network says so."""
+
+    fuse = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse and x.device.type in FUSE_ON:
+            return self.down_proj(fused(_silu_mul, self.gate_proj(x), self.up_proj(x)))
+        return super().forward(x)
+
+
 # ---------------------------------------------------------------- per-token routing
 
 
@@ -210,9 +278,10 @@ class MoTAttention(nn.Module):
         self.o_proj_moe_gen = nn.Linear(q, d, bias=False)
 
         def norm():
-            return Qwen2RMSNorm(c.head_dim, eps=c.rms_norm_eps) if c.qk_norm else nn.Identity()
+            return RMSNorm(c.head_dim, eps=c.rms_norm_eps) if c.qk_norm else nn.Identity()
 
         self.q_norm, self.k_norm, self.q_norm_moe_gen, self.k_norm_moe_gen = norm(), norm(), norm(), norm()
+        self.fuse = False
 
     def forward(self, x, route: _Route, cos, sin, attn_mask, past: KV | None = None,
                 batch: int | None = None, segments: list[tuple[int, int, bool]] | None = None,
@@ -234,7 +303,7 @@ class MoTAttention(nn.Module):
             cos, sin = cos[None], sin[None]
             past = None if past is None else (past[0][None], past[1][None])
             attn_mask = None if attn_mask is None else attn_mask[None]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k = fused(_rope, q, k, cos, sin) if self.fuse and q.device.type in FUSE_ON else _rope(q, k, cos, sin)
 
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kv_heads, L, head_dim): the cache's layout
         if past is not None:
@@ -254,10 +323,10 @@ class MoTDecoderLayer(nn.Module):
         super().__init__()
         d, eps = cfg.llm.hidden_size, cfg.llm.rms_norm_eps
         self.self_attn = MoTAttention(cfg)
-        self.mlp, self.mlp_moe_gen = Qwen2MLP(qwen), Qwen2MLP(qwen)
-        self.input_layernorm, self.input_layernorm_moe_gen = Qwen2RMSNorm(d, eps=eps), Qwen2RMSNorm(d, eps=eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(d, eps=eps)
-        self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(d, eps=eps)
+        self.mlp, self.mlp_moe_gen = MLP(qwen), MLP(qwen)
+        self.input_layernorm, self.input_layernorm_moe_gen = RMSNorm(d, eps=eps), RMSNorm(d, eps=eps)
+        self.post_attention_layernorm = RMSNorm(d, eps=eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(d, eps=eps)
 
     def forward(self, x, route: _Route, cos, sin, attn_mask, past: KV | None = None, batch: int | None = None,
                 segments=None, key_starts=None) -> tuple[torch.Tensor, KV]:
@@ -275,8 +344,8 @@ class Qwen2MoTModel(nn.Module):
         c = cfg.llm
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(MoTDecoderLayer(cfg, qwen) for _ in range(c.num_hidden_layers))
-        self.norm = Qwen2RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.norm_moe_gen = Qwen2RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=qwen)  # inv_freq is a non-persistent buffer: not saved
 
 
@@ -437,6 +506,13 @@ class BagelNet(nn.Module):
         self.llm2vae.weight.zero_()
         self.llm2vae.bias.zero_()
 
+    def fuse_kernels(self, on: bool = True) -> None:
+        """On a GPU, the LLM's norms, rotary embedding and SiLU-multiply through torch.compile (`fused`); the
+        weights and the arithmetic are the same. Off (the default): eager everywhere."""
+        for m in self.language_model.modules():
+            if isinstance(m, (RMSNorm, MLP, MoTAttention)):
+                m.fuse = on
+
     def restore_rope(self, device: str | torch.device = "cpu") -> None:
         """RoPE's tables are non-persistent buffers: a network built on the meta device and then loaded
         (`load_state_dict(assign=True)`) or materialised (`to_empty`) has none. Rebuild them on `device`."""
@@ -541,10 +617,9 @@ class BagelNet(nn.Module):
                       pos_ids: torch.Tensor) -> torch.Tensor:
         """Packed noisy latents (n, latent_channels*p*p) at flow time `timestep` ((n,) or one value; 0 is clean,
         1 is noise) -> (n, D): vae2llm + time embedding + latent_pos_embed."""
-        n = packed.shape[0]
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=packed.device)
-        t = t.reshape(-1).expand(n) if t.numel() == 1 else t
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=packed.device).reshape(-1)
         x = self.vae2llm(packed.to(self.vae2llm.weight.dtype))
+        # one time for the whole block (the sampler, training): its embedding once, broadcast over the rows
         return x + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -220,18 +220,32 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def encode(vae, images: list[Image.Image], *, sample: bool = True,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images (same size, sides multiples of 8) -> normalised latents (B, 16, H/8, W/8) = scale * (z - shift).
-    `sample=True` draws from the posterior as the official encoder does; `generator` makes it reproducible."""
+def posterior(vae, images: list[Image.Image]) -> torch.Tensor:
+    """Images (same size, sides multiples of 8) -> the encoder's posterior (B, 2 x 16, H/8, W/8): means, then
+    log-variances (diffusers' `DiagonalGaussianDistribution` parameters)."""
     w, h = images[0].size if images else (0, 0)
     if h % 8 or w % 8:
         raise ValueError(f"image sides must be multiples of 8, got {w}x{h}")
     p = next(vae.parameters())
-    x = pil_to_tensor(images).to(p.device, p.dtype)
-    dist = vae.encode(x).latent_dist
+    return vae.encode(pil_to_tensor(images).to(p.device, p.dtype)).latent_dist.parameters
+
+
+@torch.no_grad()
+def sample_posterior(vae, params: torch.Tensor, *, sample: bool = True,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """A posterior (`posterior`) -> normalised latents (B, 16, H/8, W/8) = scale * (z - shift). `sample=True`
+    draws from it as the official encoder does; `generator` makes it reproducible."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    dist = DiagonalGaussianDistribution(params)
     z = dist.sample(generator=generator) if sample else dist.mode()
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def encode(vae, images: list[Image.Image], *, sample: bool = True,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (same size, sides multiples of 8) -> normalised latents (B, 16, H/8, W/8) = scale * (z - shift)."""
+    return sample_posterior(vae, posterior(vae, images), sample=sample, generator=generator)
 
 
 @torch.no_grad()

@@ -242,3 +242,62 @@ def test_a_bagel_recipe_without_usable_weights_is_one_line_before_any_work(tmp_p
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert lines[0].startswith("error: model.path") and "official BAGEL layout" in lines[0]
     assert not store.exists() or not any(store.rglob("*"))
+
+
+def test_fused_norms_rotary_and_silu_are_the_eager_arithmetic(bagel, monkeypatch):
+    """`Settings.compile`: the LLM's norms, rotary embedding and SiLU-multiply through torch.compile (here forced on
+    the CPU, where it is off by default) give eager's outputs and gradients, and the compiled functions really ran."""
+    from model.bagel import modeling
+
+    latents = torch.randn(64, 64)
+
+    def run():
+        bagel.net.zero_grad(set_to_none=True)
+        h = bagel._run([bagel.text_block("a red square"), bagel.latent_block(latents, 0.4, 128)])[0]
+        h.square().mean().backward()
+        layer = bagel.net.language_model.model.layers[0]
+        return h.detach(), layer.mlp_moe_gen.gate_proj.weight.grad.clone(), layer.input_layernorm.weight.grad.clone()
+
+    bagel.net.fuse_kernels(False)
+    eager = run()
+    monkeypatch.setattr(modeling, "FUSE_ON", {"cpu"})
+    monkeypatch.setattr(modeling, "_RAN", set())
+    bagel.settings = bagel.settings.model_copy(update={"compile": True})
+    try:
+        fused = run()
+    finally:
+        bagel.settings = bagel.settings.model_copy(update={"compile": False})
+    assert modeling._RAN == {modeling._rms_norm, modeling._rope, modeling._silu_mul} and not modeling._EAGER
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    bagel.net.zero_grad(set_to_none=True)
+
+
+def test_a_training_target_is_encoded_once_and_drawn_as_if_encoded_afresh(bagel):
+    """The frozen VAE's posterior of a target image is kept: seen again, the image is not encoded, and each draw
+    equals encoding afresh with the same generator; the cache stays within its size."""
+    ims = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (128, 128, 3), dtype=np.uint8)) for i in range(3)]
+    calls = []
+    hook = bagel.vae.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        bagel._posteriors.clear()
+        bagel._posterior_bytes = 0
+        first = bagel.clean_latents(ims[:2], 128, torch.Generator().manual_seed(5))
+        again = bagel.clean_latents(ims[:2], 128, torch.Generator().manual_seed(5))
+        other = bagel.clean_latents(ims[:2], 128, torch.Generator().manual_seed(6))
+        assert calls == [2]  # one encode of the two images, none after
+        torch.testing.assert_close(first, again, rtol=0, atol=0)
+        assert not torch.equal(first, other)  # a new draw from the same posterior
+        bagel.settings = bagel.settings.model_copy(update={"latent_cache_gib": 0.0})
+        fresh = bagel.clean_latents(ims[:2], 128, torch.Generator().manual_seed(5))
+        torch.testing.assert_close(fresh, first, rtol=1e-5, atol=1e-5)
+        one = bagel._posteriors[next(iter(bagel._posteriors))]
+        cap = 2.5 * one.numel() * one.element_size()  # room for two posteriors
+        bagel.settings = bagel.settings.model_copy(update={"latent_cache_gib": cap / 2**30})
+        calls.clear()
+        bagel.clean_latents(ims[2:], 128)
+        bagel.clean_latents(ims[:1], 128)  # the oldest was evicted for the third image: encoded again
+        assert calls == [1, 1] and len(bagel._posteriors) == 2
+    finally:
+        hook.remove()
+        bagel.settings = bagel.settings.model_copy(update={"latent_cache_gib": 2.0})
