@@ -248,6 +248,12 @@ class PosttrainConfig(Strict):
                               "the backend module's parameter names (e.g. 'fac_*', 'blocks.0.*'); each must match one")
     seed: int = Field(0, ge=0)
     timeout_s: int = Field(3600, ge=10)
+    # speed only (outside the stage's fingerprint, tasks/posttrain.py SPEED_ONLY): what is learned stays the same
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the backend's repeated layers (a "
+                                            "compiler that fails falls back to eager with a warning); 'auto': on "
+                                            "a GPU only")
+    loss_chunk: int = Field(4096, ge=0, description="tokens per chunk of the backend's output head and fp32 "
+                            "cross-entropy under activation checkpointing (less peak memory, the same loss); 0: whole")
 
 
 # the largest benchmark suite: propose holds out all of it, whatever a run's own size (tasks/suite.py)

@@ -157,6 +157,15 @@ class TrainableModel(Protocol):
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> "TrainableModel":
         """Load a checkpoint directory written by `save_pretrained`."""
 
+    # Optional; the posttrain worker runs a backend without them (eager, whole losses, MFU over all parameters):
+    # - `configure_training(compile: bool, loss_chunk: int) -> dict`: speed-only training settings, called once
+    #   before DeepSpeed wraps `net` (compile the repeated layers, falling back to eager with one warning when the
+    #   compiler fails; the output head + cross-entropy per `loss_chunk` tokens, 0: whole; frozen encoders'
+    #   outputs kept per training image). Returns the settings in force, also kept as `train_speed` (a dict the
+    #   worker writes into its metrics, updated if compile falls back).
+    # - `params_on_path(kind: str) -> int`: the parameters whose matrix products every token of a `kind` example
+    #   (a CPR kind, 'preference' or 'group') runs through in training; MFU counts 6 x this x tokens.
+
 
 @runtime_checkable
 class Judge(Protocol):

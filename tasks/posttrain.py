@@ -32,8 +32,9 @@ STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", input
                   optional=("groups",),
                   outputs={"checkpoint": CHECKPOINT}, exclusive=True)
 TRAINS_ON = {"sft": "cpr", "dpo": "dpo_pairs", "grpo": "groups"}  # the dataset each objective trains on
-# how many ranks train and how often they save change speed, not the model: they stay out of the fingerprint
-SPEED_ONLY = {"nproc", "timeout_s", "checkpoint_every"}
+# how many ranks train, how often they save, whether layers are compiled and how the cross-entropy is chunked
+# change speed, not the model: they stay out of the fingerprint
+SPEED_ONLY = {"nproc", "timeout_s", "checkpoint_every", "compile", "loss_chunk"}
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ anything, and ends at the configured step count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -33,6 +34,10 @@ from tasks.posttrain import TRAINS_ON
 from tasks.stage import read, stable_seed
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16, for MFU
+# steps of each process left out of the timed throughput (as the benches leave out theirs): the first ones
+# compile the layers, tens of seconds on a GPU
+WARMUP_STEPS = 2
+EMA_GROUP = 1 << 27  # elements per multi-tensor EMA update: few kernel launches, bounded fp32 copies
 
 
 def lr_at(step: int, cfg: PosttrainConfig) -> float:
@@ -93,6 +98,13 @@ def freeze_parameters(net: torch.nn.Module, patterns: list[str]) -> None:
             p.requires_grad_(False)
 
 
+def eager():
+    """Compiled layers run eagerly inside: a few no-grad held-out batches are not worth compiling another
+    variant of them for (tens of seconds on a GPU, and again once the export is cast to fp32)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def heldout_loss(umm, examples: list[CPRExample], batch: int = 64) -> dict[str, float]:
     """Mean loss per kind on held-out examples (SFT losses, also for DPO runs: they measure the same model)."""
@@ -101,11 +113,45 @@ def heldout_loss(umm, examples: list[CPRExample], batch: int = 64) -> dict[str, 
         by_kind[e.kind].append(e)
     out = {}
     umm.net.eval()
-    for kind, exs in sorted(by_kind.items()):
-        losses = [float(sft_loss(umm, exs[i:i + batch])) * len(exs[i:i + batch]) for i in range(0, len(exs), batch)]
-        out[kind] = sum(losses) / len(exs)
+    with eager():
+        for kind, exs in sorted(by_kind.items()):
+            losses = [float(sft_loss(umm, exs[i:i + batch])) * len(exs[i:i + batch])
+                      for i in range(0, len(exs), batch)]
+            out[kind] = sum(losses) / len(exs)
     umm.net.train()
     return out
+
+
+def params_on_path(umm, kind: str, cache: dict[str, int]) -> int:
+    """The backend's count of parameters a token of `kind` runs through (`params_on_path`, optional); without
+    one, all of its parameters."""
+    if kind not in cache:
+        hook = getattr(umm, "params_on_path", None)
+        cache[kind] = int(hook(kind)) if hook is not None else sum(p.numel() for p in umm.net.parameters())
+    return cache[kind]
+
+
+def batch_work(umm, batch: list[CPRExample], path: dict[str, int]) -> tuple[int, float]:
+    """(tokens, training FLOPs) of a batch: each example's tokens x 6 x the parameters on its kind's path."""
+    tokens = flops = 0
+    for e in batch:
+        n = umm.tokens_per_example(e)
+        tokens += n
+        flops += 6.0 * n * params_on_path(umm, e.kind, path)
+    return tokens, flops
+
+
+def ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
+    """ema <- decay x ema + (1 - decay) x current (in fp32), as multi-tensor kernels over groups of tensors."""
+    keys, size = [], 0
+    for i, k in enumerate(ema):
+        keys.append(k)
+        size += ema[k].numel()
+        if size >= EMA_GROUP or i == len(ema) - 1:
+            avg = [ema[k] for k in keys]
+            torch._foreach_mul_(avg, decay)
+            torch._foreach_add_(avg, [current[k].float() for k in keys], alpha=1 - decay)
+            keys, size = [], 0
 
 
 # --- checkpoints: safetensors + JSON ------------------------------------------------------------------
@@ -239,13 +285,21 @@ def setup(job: dict) -> Run:
     if not run.train:
         raise SystemExit(f"posttrain: no training examples in {DatasetRef.model_validate(source).name}")
     freeze_parameters(run.umm.net, cfg.freeze)
+    # speed only, through the backend's optional hook (model/protocol.py): compiled layers, a chunked loss, the
+    # frozen encoders' outputs kept; the frozen reference keeps its encodings too but is not compiled
+    compile_layers = cfg.compile if isinstance(cfg.compile, bool) else cuda
+    for m, c in ((run.umm, compile_layers), (reference, False)):
+        if m is not None and hasattr(m, "configure_training"):
+            m.configure_training(compile=c, loss_chunk=cfg.loss_chunk)
     model = Objective(run.umm, cfg, reference)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=cfg.betas, weight_decay=cfg.weight_decay)
+                                  betas=cfg.betas, weight_decay=cfg.weight_decay, fused=cuda)
+    bucket = 5e8 if cuda else 5e7  # the training bench's buckets on a GPU; CPU ranks keep their memory small
     ds_config = {"train_micro_batch_size_per_gpu": cfg.micro_batch, "gradient_accumulation_steps": cfg.grad_accum,
                  "gradient_clipping": cfg.grad_clip, "steps_per_print": 10**9, "wall_clock_breakdown": False,
                  "zero_optimization": {"stage": cfg.zero_stage, "contiguous_gradients": True,
-                                       "overlap_comm": cuda, "reduce_bucket_size": 5e7},
+                                       "overlap_comm": cuda, "reduce_bucket_size": bucket,
+                                       "allgather_bucket_size": bucket},
                  "bf16": {"enabled": bf16}}
     run.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return run
@@ -288,34 +342,57 @@ def train_step(run: Run, step: int) -> tuple[list, float, float]:
         loss = engine(batch[lo:lo + cfg.micro_batch])
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss))
+        losses.append(loss.detach())  # read once per step: a read per micro-batch would stall the GPU queue
     if run.ema is not None:
         with torch.no_grad():
-            for k, v in engine.module.net.state_dict().items():
-                if k in run.ema:
-                    run.ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
-    return batch, sum(losses) / len(losses), lr
+            ema_update(run.ema, engine.module.net.state_dict(), cfg.ema_decay)
+    return batch, float(torch.stack(losses).float().mean()), lr
 
 
 def train(run: Run) -> dict:
-    """Steps from the resumed one to the configured count, a checkpoint every `checkpoint_every`."""
+    """Steps from the resumed one to the configured count, a checkpoint every `checkpoint_every`. Returns the
+    loop's wall time, its checkpoint time and each step's (seconds, examples, tokens, FLOPs): a step's seconds
+    are its wall time with its bookkeeping, checkpoint saves left out (a step ends reading its loss back, so its
+    GPU work is done)."""
     cfg = run.cfg
-    t0, examples_done, tokens_per_example = time.perf_counter(), 0, None
+    t0, ckpt_s, steps, path = time.perf_counter(), 0.0, [], {}
     for step in range(run.start, cfg.steps):
+        ts = time.perf_counter()
         batch, loss, lr = train_step(run, step)
-        if tokens_per_example is None:  # a DPO pair counts the sequences of its chosen and its rejected image
-            sample = batch[: min(16, len(batch))]
-            tokens_per_example = sum(run.umm.tokens_per_example(e) for e in sample) / len(sample)
-        examples_done += len(batch)
+        tokens, flops = batch_work(run.umm, batch, path)  # a DPO pair counts its chosen and its rejected sequence
         if run.rank == 0:
             with open(run.out / "train_log.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr}) + "\n")
+        steps.append((time.perf_counter() - ts, len(batch), tokens, flops))
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            tc = time.perf_counter()
             save_checkpoint(run.engine, run.ema, step + 1, run.out / "ckpt", run.rank, run.world, run.extra)
+            ckpt_s += time.perf_counter() - tc
     if run.cuda:
         torch.cuda.synchronize()
-    return {"train_s": time.perf_counter() - t0, "examples": examples_done,
-            "tokens": (tokens_per_example or 0) * examples_done}
+    return {"train_s": time.perf_counter() - t0, "checkpoint_s": ckpt_s, "steps": steps, "path": path}
+
+
+def throughput(done: dict, world: int, cuda: bool) -> dict:
+    """Tokens/s and MFU of the timed steps (all but each process's first WARMUP_STEPS, when there are more),
+    and of the whole loop (`_wall`: compiling and checkpoint saves included)."""
+    steps, train_s = done["steps"], done["train_s"]
+    timed = steps[WARMUP_STEPS:] if len(steps) > WARMUP_STEPS else steps
+    s = sum(t[0] for t in timed)
+    n_ex, n_tok, flops = (sum(t[i] for t in timed) for i in (1, 2, 3))
+    all_tok, all_flops = sum(t[2] for t in steps), sum(t[3] for t in steps)
+    out = {"timed_steps": len(timed), "step_s": round(s / len(timed), 4) if timed else None,
+           "warmup_s": round(sum(t[0] for t in steps[:len(steps) - len(timed)]), 3),
+           "checkpoint_s": round(done["checkpoint_s"], 3),
+           "examples_per_s": round(n_ex / s, 2) if s > 0 else None,
+           "tokens_per_s": round(n_tok / s, 1) if s > 0 else None,
+           "tokens_per_s_wall": round(all_tok / train_s, 1) if train_s > 0 else None,
+           "tokens": all_tok, "flops_per_token": round(all_flops / all_tok, 1) if all_tok else None,
+           "params_on_path": dict(sorted(done["path"].items()))}
+    if cuda and s > 0:  # MFU against the bf16 peak of every rank's GPU
+        out["mfu"] = round(flops / s / (PEAK_BF16_FLOPS * world), 5)
+        out["mfu_wall"] = round(all_flops / train_s / (PEAK_BF16_FLOPS * world), 5)
+    return out
 
 
 def save(run: Run, done: dict) -> None:
@@ -331,12 +408,13 @@ def save(run: Run, done: dict) -> None:
     n_params = sum(p.numel() for p in umm.net.parameters())
     metrics = {"steps": cfg.steps, "resumed_from": run.start, "world_size": run.world, "device": run.device,
                "precision": "bf16" if run.bf16 else "fp32", "train_s": round(train_s, 3),
-               "examples_per_s": round(done["examples"] / train_s, 2) if train_s > 0 else None,
-               "tokens_per_s": round(done["tokens"] / train_s, 1) if train_s > 0 else None,
+               **throughput(done, run.world, run.cuda),
+               "flops_count": "params_on_path" if hasattr(umm, "params_on_path") else "all_params",
+               "speed": dict(getattr(umm, "train_speed", {})),
                "params": n_params, "heldout_before": run.extra["heldout_before"], "heldout_after": after,
                "objective": cfg.objective, "train_examples": len(run.train)}
-    if run.cuda and train_s > 0:
-        metrics["mfu"] = round(6 * n_params * done["tokens"] / train_s / (PEAK_BF16_FLOPS * run.world), 5)
+    if run.cuda:
+        metrics["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     final, tmp = run.out / "final", run.out / "final.tmp"
     if final.exists():
         shutil.rmtree(final)

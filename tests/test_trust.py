@@ -133,6 +133,8 @@ def invalid_values(section: str, name: str, ann: typing.Any, meta: list) -> st.S
     if origin in (typing.Union, types.UnionType) and type(None) in args:  # optional: the value's own invalid ones
         (inner,) = [a for a in args if a is not type(None)]
         return invalid_values(section, name, inner, meta)
+    if origin is typing.Union and bool in args:  # compile: bool | 'auto' (strict: no number is a boolean)
+        return st.integers() | st.floats() | TEXT.filter(lambda v: v != "auto")
     if origin is typing.Union:  # nproc: int | 'auto'
         return st.booleans() | st.integers(max_value=0) | TEXT.filter(lambda v: v != "auto")
     if ann is dict:

@@ -210,13 +210,9 @@ def bench_rollout(config: str, random_weights: bool = True, prompts: int = 32, s
 
 # ---------------------------------------------------------------------- post-training
 def params_on_path(umm) -> int:
-    """Parameters a text-to-image token passes through: the Llama layers and final norm, the generation aligner
-    and head (embedding lookups are not matrix products and are left out)."""
-    m = umm.net.model
-    n = sum(p.numel() for n_, p in m.language_model.named_parameters() if not n_.startswith("embed_tokens"))
-    n += sum(p.numel() for p in m.generation_aligner.parameters())
-    n += sum(p.numel() for p in m.generation_head.parameters())
-    return n
+    """Parameters a text-to-image token passes through (JanusUMM.params_on_path, which the posttrain worker's MFU
+    counts too): the Llama layers and final norm, the generation aligner and head."""
+    return umm.params_on_path("generation")
 
 
 class T2IStep(torch.nn.Module):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,6 +98,11 @@ class JanusUMM:
         self.ids = T.special_ids(tokenizer)
         self._model_id = model_id
         self._engine: ImageRollout | None = None
+        # training speed (configure_training): the cross-entropy chunk, the frozen VQ's codes of images already
+        # seen (id -> (image, codes): the image is held, so its id cannot be reused), what is in force
+        self._loss_chunk = 0
+        self._codes: dict[int, tuple[Image.Image, torch.Tensor]] | None = None
+        self.train_speed: dict[str, Any] = {"compile": False, "loss_chunk": 0}
         self._fit_generation_config()
         self.net.model.vqmodel.requires_grad_(False)
         if not self.settings.train_vision:
@@ -239,7 +245,17 @@ class JanusUMM:
 
     @torch.no_grad()
     def image_codes(self, images: list[Image.Image]) -> torch.Tensor:
-        """VQ codes (B, n_image_tokens) of images (the VQ model is frozen)."""
+        """VQ codes (B, n_image_tokens) of images (the VQ model is frozen). While training (`configure_training`)
+        each image is encoded once: a training image drawn again costs no VQ pass and no pixel conversion."""
+        if self._codes is None:
+            return self._encode_codes(images)
+        new = list({id(im): im for im in images if id(im) not in self._codes}.values())
+        if new:
+            for im, c in zip(new, self._encode_codes(new)):
+                self._codes[id(im)] = (im, c)
+        return torch.stack([self._codes[id(im)][1] for im in images])
+
+    def _encode_codes(self, images: list[Image.Image]) -> torch.Tensor:
         out = []
         for s in range(0, len(images), 32):
             px = self.pixels(images[s:s + 32])
@@ -286,6 +302,19 @@ class JanusUMM:
     def _gen_prefix(self, prompt: str, uncond: bool = False) -> torch.Tensor:
         ids = self.gen_ids(prompt)
         return self._embed_ids(self.uncond_ids(ids) if uncond or not prompt else ids)
+
+    def _gen_prefixes(self, prompts: list[str], uncond: bool = False) -> list[torch.Tensor]:
+        """`_gen_prefix` of each prompt through one embedding lookup: one host-to-device copy per batch instead of
+        one per prompt (each of which waits for the GPU to finish its queue)."""
+        ids = [self.gen_ids(p) for p in prompts]
+        ids = [self.uncond_ids(i) if uncond or not p else i for i, p in zip(ids, prompts)]
+        x = torch.full((len(ids), max(map(len, ids))), self.ids.pad, dtype=torch.long)
+        for r, i in enumerate(ids):
+            x[r, :len(i)] = torch.tensor(i)
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        emb = self.net.get_input_embeddings()(x.to(self.device, non_blocking=True))
+        return [emb[r, :len(i)] for r, i in enumerate(ids)]
 
     # ------------------------------------------------------------------ image roles
     @torch.no_grad()
@@ -478,7 +507,7 @@ class JanusUMM:
             x[i, L - p.shape[0]:L] = p.to(img.dtype)
             am[i, :L - p.shape[0]] = 0
         x[:, L:] = img
-        padded = bool((am == 0).any())
+        padded = any(p.shape[0] != L for p in prefixes)  # from the lengths: reading `am` back would wait for the GPU
         pos = (am.cumsum(-1) - 1).clamp(min=0)
         h = self.net.model.language_model(inputs_embeds=x, attention_mask=am if padded else None,
                                           position_ids=pos, use_cache=False).last_hidden_state
@@ -568,6 +597,33 @@ class JanusUMM:
             return len(self.und_ids(q, " ")) + len(self.encode(t)) + 1
         return len(self.und_ids(ex.input_text or T.CAPTION_TEMPLATES[0], " ")) + len(self.encode(ex.target_text or "")) + 1
 
+    def params_on_path(self, kind: str) -> int:
+        """Parameters whose matrix products every token of a `kind` example runs through in training, so that
+        6 x this x tokens is its training FLOPs (model/janus/bench.py counts the same): the Llama layers and final
+        norm, and for image tokens (generation, reflection, preference pairs, group samples) the generation aligner
+        and head. Embedding lookups, the language head on a text answer's few tokens and the frozen encoders'
+        forward passes (SigLIP, VQ) are left out."""
+        m = self.net.model
+        n = sum(p.numel() for k, p in m.language_model.named_parameters() if not k.startswith("embed_tokens"))
+        if kind in TEXT_KINDS:
+            return n
+        return n + sum(p.numel() for p in m.generation_aligner.parameters()) + \
+            sum(p.numel() for p in m.generation_head.parameters())
+
+    def configure_training(self, compile: bool, loss_chunk: int) -> dict[str, Any]:
+        """Settings that make post-training faster, never change what it learns (the posttrain worker's
+        `compile` and `loss_chunk`): each decoder layer of the language model through torch.compile (Inductor
+        fuses the norms, rotary embedding and activations; a compiler that cannot take them falls back to eager
+        with one warning), the generation head and its fp32 cross-entropy per `loss_chunk` tokens under
+        activation checkpointing (`image_ce`; 0: whole), and each training image's VQ codes kept once encoded.
+        Returns `train_speed`, the settings in force (it says so if compile later falls back)."""
+        self._loss_chunk = int(loss_chunk)
+        if self._codes is None:
+            self._codes = {}
+        self.train_speed.update(loss_chunk=self._loss_chunk)
+        compile_layers(self.net.model.language_model.layers, compile, self.train_speed)
+        return self.train_speed
+
     @property
     def default_loss_weights(self) -> dict[str, float]:
         """Per-kind weights from the backend settings (`Settings.loss_weights`), keyed by CPR kind (default 1)."""
@@ -587,12 +643,12 @@ class JanusUMM:
     def kind_loss(self, kind: str, exs: list[CPRExample]) -> torch.Tensor:
         if kind == "generation":
             codes = self.image_codes([e.target_image for e in exs])
-            return self.image_ce([self._gen_prefix(e.input_text) for e in exs], codes)
+            return self.image_ce(self._gen_prefixes([e.input_text for e in exs]), codes, self._loss_chunk)
         if kind == "reflection":
             codes = self.image_codes([e.input_image for e in exs] + [e.target_image for e in exs])
             src, dst = codes[:len(exs)], codes[len(exs):]
             prefixes = [self._reflect_prefix(e.input_text, c, uncond=not e.input_text) for e, c in zip(exs, src)]
-            return self.image_ce(prefixes, dst)
+            return self.image_ce(prefixes, dst, self._loss_chunk)
         if kind == "judgement":
             qt = [self._judgement_target(e) for e in exs]
             return self.text_ce([self.und_ids(q, " ") for q, _ in qt], [self.encode(t) for _, t in qt],
@@ -609,6 +665,45 @@ class JanusUMM:
         prefixes = [self._gen_prefix(e.input_text) for e in examples] * 2
         lp = self.image_logprob(prefixes, codes)
         return lp[:B], lp[B:], codes.shape[1]
+
+
+def compile_layers(layers, on: bool, state: dict[str, Any]) -> None:
+    """Each layer through torch.compile (`on`), or eager again; `state['compile']` says which is in force.
+
+    One compiled graph serves every layer (the same code, parameters as inputs), as in the training bench. A
+    compiled call that raises before any compiled training call has run (no compiler toolchain, an operation
+    Dynamo cannot take) turns every layer back to eager with one warning and runs eagerly, as the rollout engine
+    does; after that, errors are not the compiler's and propagate."""
+    for layer in layers:
+        layer._compiled_call_impl = None  # nn.Module.compile's slot: None runs the module eagerly
+    state.pop("compile_error", None)
+    state["compile"] = bool(on)
+    if not on:
+        return
+    trained = [False]  # a compiled call with grad has run (no-grad calls may run under an eager stance)
+
+    def guard(layer, compiled):
+        def call(*args, **kwargs):
+            if trained[0]:
+                return compiled(*args, **kwargs)
+            try:
+                out = compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:  # not the compiler's: eager would not fit either
+                raise
+            except Exception as exc:  # noqa: BLE001 - a compiler that cannot take the layer: run eagerly, say so
+                msg = f"{type(exc).__name__}: {str(exc)[:300]}"
+                warnings.warn(f"post-training: torch.compile of the language-model layers failed ({msg}); "
+                              "training them eagerly", stacklevel=2)
+                compile_layers(layers, False, state)
+                state["compile_error"] = msg
+                return layer._call_impl(*args, **kwargs)
+            trained[0] = torch.is_grad_enabled()
+            return out
+        return call
+
+    for layer in layers:
+        layer.compile()
+        layer._compiled_call_impl = guard(layer, layer._compiled_call_impl)
 
 
 def is_janus_dir(directory: str | None) -> bool:

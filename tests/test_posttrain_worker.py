@@ -1,0 +1,67 @@
+"""The posttrain worker's bookkeeping: the EMA update, FLOPs per example kind, throughput without warm-up."""
+
+import pytest
+import torch
+
+from model.protocol import CPRExample
+from tasks import posttrain_worker as W
+
+
+def test_the_grouped_ema_is_the_per_tensor_update(monkeypatch):
+    monkeypatch.setattr(W, "EMA_GROUP", 50)  # several groups, one of them a single large tensor
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (7,), "b": (10, 10), "c": (3, 4), "d": (30,)}
+    ema = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    cur = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+    want = {k: v.clone().mul_(0.99).add_(cur[k].float(), alpha=1 - 0.99) for k, v in ema.items()}
+    W.ema_update(ema, cur, 0.99)
+    assert all(torch.equal(ema[k], want[k]) for k in shapes)
+
+
+class _Plain:
+    """A backend without `params_on_path`: all its parameters count."""
+
+    def __init__(self):
+        self.net = torch.nn.Linear(3, 4)  # 16 parameters
+
+    def tokens_per_example(self, ex):
+        return len(ex.input_text)
+
+
+class _Pathed(_Plain):
+    def params_on_path(self, kind):
+        return {"generation": 10, "caption": 2}[kind]
+
+
+def test_flops_count_each_kinds_path_or_all_parameters_without_one():
+    batch = [CPRExample("generation", "abc"), CPRExample("caption", "de"), CPRExample("generation", "f")]
+    assert W.batch_work(_Plain(), batch, {}) == (6, 6 * 16 * 6)
+    path: dict = {}
+    assert W.batch_work(_Pathed(), batch, path) == (6, 6 * (3 * 10 + 2 * 2 + 1 * 10))
+    assert path == {"generation": 10, "caption": 2}
+
+
+def test_throughput_leaves_the_warmup_steps_out_and_says_what_the_wall_gives():
+    slow, fast = (9.0, 4, 100, 6e14), (1.0, 4, 100, 6e14)  # (seconds, examples, tokens, FLOPs)
+    done = {"steps": [slow, slow, fast, fast], "train_s": 25.0, "checkpoint_s": 5.0, "path": {"generation": 1}}
+    t = W.throughput(done, world=1, cuda=True)
+    assert t["timed_steps"] == 2 and t["warmup_s"] == 18.0 and t["step_s"] == 1.0
+    assert t["tokens_per_s"] == 100.0 and t["tokens_per_s_wall"] == 16.0 and t["tokens"] == 400
+    assert t["mfu"] == pytest.approx(6e14 / W.PEAK_BF16_FLOPS, abs=1e-5)
+    assert t["mfu_wall"] == pytest.approx(4 * 6e14 / 25.0 / W.PEAK_BF16_FLOPS, abs=1e-5)
+    assert W.throughput(done, world=2, cuda=True)["mfu"] == pytest.approx(t["mfu"] / 2, abs=1e-5)
+    short = W.throughput({**done, "steps": [slow, fast]}, world=1, cuda=False)  # too few steps: all are timed
+    assert short["timed_steps"] == 2 and short["step_s"] == 5.0 and "mfu" not in short
+
+
+def test_compile_and_loss_chunk_stay_out_of_the_stages_fingerprint(tmp_path):
+    from configs.schema import PosttrainConfig
+    from storage import DatasetRef
+    from tasks import posttrain
+    from tasks.stage import StageContext
+
+    ctx = StageContext(store=str(tmp_path), run="r", model_id="m" * 16)
+    inputs = {k: DatasetRef(store=str(tmp_path), run="r", stage=k, fingerprint="ab" * 16) for k in ("cpr", "dpo_pairs")}
+    fp = lambda **kw: posttrain.plan_of(inputs, PosttrainConfig(**kw), ctx).ref.fingerprint  # noqa: E731
+    assert fp() == fp(compile=True, loss_chunk=0) == fp(compile=False, loss_chunk=512)
+    assert fp() != fp(lr=2e-4)  # what is learned does enter it
