@@ -62,7 +62,8 @@ def _tiny():
 
 
 def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg_scale: float = 4.0,
-                  peak_tflops: float = 790.0, tiny: bool = False, image_batch: int = 1, compile: bool = True) -> dict:
+                  peak_tflops: float = 790.0, tiny: bool = False, image_batch: int = 1, compile: bool = True,
+                  profile_steps: bool = False) -> dict:
     shape, device, vae = _tiny() if tiny else (BAGEL_7B_MOT, "cuda", None)
     umm = _random_umm(shape, device, vae)
     umm.settings = umm.settings.model_copy(update={"image_batch": image_batch, "compile": compile})
@@ -84,7 +85,9 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
                  "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     for res in resolutions:
         sampling = {"steps": steps, "resolution": res, "cfg_interval": [0.0, 1.0]}
-        umm.generate(prompts[:1], [0], [cfg_scale], **{**sampling, "steps": 3})  # warm-up
+        # warm-up with the timed run's group size: the compiled kernels' shapes are those it will see
+        k = min(image_batch, images)
+        umm.generate([prompts[i % 2] for i in range(k)], list(range(k)), [cfg_scale] * k, **{**sampling, "steps": 3})
         _sync()
         calls.clear()
         t0 = time.perf_counter()
@@ -101,6 +104,16 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
                          "achieved_tflops": round(rate * flops / 1e12, 1), "ceiling_images_per_s": round(ceiling, 4),
                          "of_ceiling": round(rate / ceiling, 3)}
         print(json.dumps({str(res): out[str(res)]}), flush=True)
+        if profile_steps:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
+
+            with torch.inference_mode(), prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                umm.generate([prompts[i % 2] for i in range(k)], list(range(k)), [cfg_scale] * k,
+                             **{**sampling, "steps": 3})
+                _sync()
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70),
+                  flush=True)
     if device == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     return out
@@ -169,9 +182,7 @@ def bench_train(layers: int = 6, micro_batch: int = 2, steps: int = 5, resolutio
         V.posterior(umm.vae, [e.target_image for e in exs])
         _sync()
         encode_s = (time.perf_counter() - t0) / len(exs)  # what a target's first sight costs, beside the step
-    gen_layer = sum(p.numel() for n, p in umm.net.named_parameters() if "moe_gen" in n and ".layers." in n)
-    # the generation path: the generation expert of every layer (latent tokens are nearly all the tokens)
-    n_path = gen_layer + umm.net.vae2llm.weight.numel() + umm.net.llm2vae.weight.numel()
+    n_path = umm.params_on_path("generation")  # the count the posttrain worker's MFU uses
     times = []
     micro = 0
 
@@ -253,6 +264,7 @@ def main() -> None:
     r.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (a check of the bench itself)")
     r.add_argument("--image-batch", type=int, default=1, help="images drawn at once (Settings.image_batch)")
     r.add_argument("--eager", action="store_true", help="no torch.compile'd norms / rotary / SiLU")
+    r.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a 3-step draw")
     t = sub.add_parser("train")
     t.add_argument("--layers", type=int, default=6)
     t.add_argument("--micro-batch", type=int, default=2)
@@ -272,7 +284,8 @@ def main() -> None:
         return
     if a.what == "rollout":
         print(json.dumps(bench_rollout(tuple(a.resolutions), a.images, a.steps, tiny=a.tiny,
-                                       image_batch=a.image_batch, compile=not a.eager)))
+                                       image_batch=a.image_batch, compile=not a.eager,
+                                       profile_steps=a.profile)))
     else:
         print(json.dumps(bench_train(a.layers, a.micro_batch, a.steps, a.resolution, a.accum, compile=not a.eager,
                                      latent_cache=not a.no_latent_cache, profile_step=a.profile,

@@ -585,6 +585,35 @@ class BagelUMM:
         raise NotImplementedError("posttrain.objective 'grpo' needs per-step log-densities of the flow sampler "
                                   "(Flow-GRPO), which the BAGEL backend does not give yet: use 'sft' or 'dpo'")
 
+    def params_on_path(self, kind: str) -> int:
+        """Parameters whose matrix products every LLM token of a `kind` example runs through in training (MFU counts
+        6 x this x tokens): one expert's layers and final norm (a token takes the understanding or the generation
+        weights, which have the same shapes), and for image kinds `vae2llm` / `llm2vae`. The frozen ViT's and
+        VAE's forward passes, the time embedding (once per image) and the language head on an answer's few
+        tokens are left out."""
+        lm = self.net.language_model.model
+        n = sum(p.numel() for k, p in lm.named_parameters() if k.startswith("layers.") and "moe_gen" in k)
+        n += lm.norm_moe_gen.weight.numel()
+        if kind in TEXT_KINDS:
+            return n
+        return n + sum(p.numel() for m in (self.net.vae2llm, self.net.llm2vae) for p in m.parameters())
+
+    def configure_training(self, compile: bool, loss_chunk: int) -> dict[str, Any]:
+        """The posttrain worker's speed-only settings: `compile` becomes `Settings.compile` (the fused norms, rotary
+        and SiLU-multiply on a GPU; a compiler that fails falls back to eager with one warning); the VAE's
+        posteriors of the training images are kept (`Settings.latent_cache_gib`). `loss_chunk` is not used: the
+        flow loss has no vocabulary-sized head, and the text kinds' head runs on the answers' tokens only."""
+        self.settings = self.settings.model_copy(update={"compile": bool(compile)})
+        return self.train_speed
+
+    @property
+    def train_speed(self) -> dict[str, Any]:
+        """The training speed settings in force (compile says false once the compiler has fallen back)."""
+        from model.bagel import modeling
+
+        return {"compile": self.settings.compile and not modeling._EAGER, "loss_chunk": 0,
+                "latent_cache_gib": self.settings.latent_cache_gib}
+
     def tokens_per_example(self, ex: CPRExample) -> int:
         side = self._train_side()
         n_img = (side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)) ** 2 + 2

@@ -301,3 +301,22 @@ def test_a_training_target_is_encoded_once_and_drawn_as_if_encoded_afresh(bagel)
     finally:
         hook.remove()
         bagel.settings = bagel.settings.model_copy(update={"latent_cache_gib": 2.0})
+
+
+def test_training_hooks_count_one_expert_and_set_the_speed_settings(bagel):
+    """The posttrain worker's optional hooks: MFU's parameter count is one expert's layers (+ the latent glue for
+    image kinds), never both experts; configure_training switches the fused kernels and says what is in force."""
+    lm = bagel.net.language_model.model
+    und = sum(p.numel() for k, p in lm.named_parameters() if k.startswith("layers.") and "moe_gen" not in k)
+    text, image = bagel.params_on_path("caption"), bagel.params_on_path("generation")
+    assert text == und + lm.norm.weight.numel()  # the two experts have the same shapes
+    assert image - text == sum(p.numel() for p in [*bagel.net.vae2llm.parameters(), *bagel.net.llm2vae.parameters()])
+    assert bagel.params_on_path("preference") == image
+    before = bagel.settings
+    try:
+        speed = bagel.configure_training(compile=False, loss_chunk=4096)
+        assert speed["compile"] is False and not bagel.net.language_model.model.norm.fuse
+        assert bagel.configure_training(compile=True, loss_chunk=0)["compile"] is True
+        assert bagel.net.language_model.model.layers[0].mlp_moe_gen.fuse
+    finally:
+        bagel.settings = before
