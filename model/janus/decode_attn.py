@@ -13,9 +13,24 @@ writes the cache after it, which lets torch.compile take the whole step as a pur
 fp8 cache (`kv_cache="fp8"`, opt-in): K and V stored as float8_e4m3fn with one fp32 scale per (row, kv head, slot)
 (the vector's amax / 448), about half the bytes read per step. It changes the attention's inputs by the fp8 rounding
 (3 mantissa bits), hence some sampled tokens: the bench measures how many.
+
+Version 2 (`decode_attention_v2`, the engine's `impl="v2"`), the same attention with less read and more in flight:
+- rows start at their first unmasked slot (`start`): the left padding of short prompts is not read;
+- rows with the same prefix read it from one row (`prow`): the engine prefills each distinct prefix once and points
+  the others at it (the 8 samples of a prompt; unconditional rows of the same length), so the copies are read from
+  L2, and only the image-token slots of each row come from DRAM;
+- split over the sequence (`splits` programs per (row, head), a second kernel combines their partial softmax
+  states in a fixed order: deterministic) where rows x heads are too few to fill the GPU;
+- an inner loop either on tensor cores (`dot`: q padded to 16 rows, so Triton pipelines the K/V loads through
+  shared memory; p is rounded to bf16 for p @ V, as in flash attention) or in fp32 registers like version 1
+  (`prefetch`: the next block's K/V are loaded before the current one is used);
+- exp2 with log2(e) folded into the scale.
+The masks are not read: the engine's rows attend exactly [start, slot) (left padding, then every decoded slot).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -139,3 +154,221 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     w = (q.float() @ k.transpose(-1, -2)) * scale
     w = torch.softmax(w.masked_fill(~m[:, None, None, :], float("-inf")), -1)
     return (w @ v).to(q.dtype)
+
+
+# ---------------------------------------------------------------------- version 2
+class Config(NamedTuple):
+    """Launch configuration of `decode_attention_v2`: slots per block, warps, software-pipeline stages (they act on
+    the `dot` loop's loads), programs per (row, head) along the sequence, the inner loop on tensor cores (`dot`) or
+    in fp32 registers, and (fp32 loop) loading the next block before using the current one."""
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 3
+    splits: int = 1
+    dot: bool = True
+    prefetch: bool = False
+
+
+LOG2E = 1.4426950408889634
+# (row, head) programs that fill an H200 (132 SMs x a few resident programs each); fewer get split along the sequence
+FILL = 4096
+
+
+def default_config(rows_x_heads: int, fp8: bool) -> Config:
+    """Untuned default; the rollout bench's kernel sweep (model/janus/rollout_bench.py) measures the alternatives."""
+    splits = 1 if rows_x_heads >= FILL else min(8, -(-FILL // rows_x_heads))
+    return Config(block_n=128 if fp8 else 64, warps=4, stages=3, splits=splits, dot=True, prefetch=False)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_v2_kernel(Q, K, V, KS, VS, START, PROW, PLEN, SLOT, KN, VN, O, PM, PL, PACC, qk_scale,
+                          sq_r, sq_h, sk_r, sk_h, sk_s, ss_r, ss_h, skn_r, skn_h, svn_r, svn_h, so_r, so_h,
+                          GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                          IS_FP8: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr):
+        # One function, no nested @triton.jit calls: torch.compile reads the kernel's stores to know what it
+        # mutates (only O, or the split buffers).
+        # grid (rows, splits, heads), rows fastest: rows that share a prefix run side by side, so its second and
+        # later reads come from L2
+        r = tl.program_id(0)
+        j = tl.program_id(1)
+        h = tl.program_id(2)
+        kvh = h // GROUP
+        d = tl.arange(0, HD)
+        ar = tl.arange(0, BLOCK_N)
+        # an fp32 scalar (under torch.compile a Python float arrives as fp64; the interpreter passes a float)
+        scale = tl.max(tl.full([16], 1.0, tl.float32) * qk_scale, 0).to(tl.float32)
+        qraw = tl.load(Q + r.to(tl.int64) * sq_r + h * sq_h + d)
+        q = qraw.to(tl.float32) * scale  # log2 units: exp2 below
+        n_valid = tl.load(SLOT).to(tl.int32)  # cached slots [0, slot); this row attends [start, slot)
+        st = tl.load(START + r)
+        plen = tl.load(PLEN)  # slots [0, plen) are the prefix, read from row PROW[r]
+        if SPLITS == 1:
+            lo = st
+            hi = n_valid
+        else:  # equal shares of this row's slots, in whole blocks
+            chunk = tl.cdiv(tl.cdiv(n_valid - st, SPLITS), BLOCK_N) * BLOCK_N
+            lo = st + j * chunk
+            hi = tl.minimum(lo + chunk, n_valid)
+        pr = tl.load(PROW + r).to(tl.int64)
+        kb_p = pr * sk_r + kvh * sk_h
+        kb_r = r.to(tl.int64) * sk_r + kvh * sk_h
+        sb_p = pr * ss_r + kvh * ss_h
+        sb_r = r.to(tl.int64) * ss_r + kvh * ss_h
+        # finite start: a share with no slot leaves (m, l, acc) = (-1e30, 0, 0), which the combine weighs 0
+        m_i = tl.max(tl.full([BLOCK_N], -1.0e30, tl.float32), 0)
+        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+        if DOT:  # q in row 0 of 16 (tl.dot's least): the K/V loads feed dots, so Triton pipelines them
+            row0 = tl.arange(0, 16)[:, None] == 0
+            q16 = tl.where(row0, qraw[None, :], 0.0).to(qraw.dtype)
+            acc16 = tl.zeros([16, HD], tl.float32)
+        else:
+            acc = tl.zeros([HD], tl.float32)
+        if PREFETCH:
+            n0 = lo + ar
+            kv0 = tl.where(n0 < plen, kb_p, kb_r)[:, None] + n0[:, None] * sk_s + d[None, :]
+            kt = tl.load(K + kv0, mask=(n0 < hi)[:, None], other=0.0)
+            vt = tl.load(V + kv0, mask=(n0 < hi)[:, None], other=0.0)
+        for start in range(lo, hi, BLOCK_N):
+            n = start + ar
+            inb = n < hi
+            pre = n < plen
+            kvo = tl.where(pre, kb_p, kb_r)[:, None] + n[:, None] * sk_s + d[None, :]  # a prefix from row PROW[r]
+            so = tl.where(pre, sb_p, sb_r) + n
+            if PREFETCH:  # the next block's loads go out before this block is used
+                nn = n + BLOCK_N
+                kvn = tl.where(nn < plen, kb_p, kb_r)[:, None] + nn[:, None] * sk_s + d[None, :]
+                k_nx = tl.load(K + kvn, mask=(nn < hi)[:, None], other=0.0)
+                v_nx = tl.load(V + kvn, mask=(nn < hi)[:, None], other=0.0)
+                k = kt
+                v = vt
+                kt = k_nx
+                vt = v_nx
+            else:
+                k = tl.load(K + kvo, mask=inb[:, None], other=0.0)
+                v = tl.load(V + kvo, mask=inb[:, None], other=0.0)
+            if DOT:
+                s = tl.sum(tl.dot(q16, tl.trans(k.to(qraw.dtype))), 0) * scale
+            else:
+                s = tl.sum(k.to(tl.float32) * q[None, :], 1)
+            if IS_FP8:
+                s = s * tl.load(KS + so, mask=inb, other=0.0)
+            s = tl.where(inb, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            if IS_FP8:
+                p = p * tl.load(VS + so, mask=inb, other=0.0)
+            if DOT:  # p rounded to q's dtype for p @ V, as in flash attention
+                p16 = tl.where(row0, p[None, :], 0.0).to(qraw.dtype)
+                acc16 = acc16 * alpha + tl.dot(p16, v.to(qraw.dtype))
+            else:
+                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+            m_i = m_new
+        if DOT:
+            acc = tl.sum(acc16, 0)
+        if SPLITS == 1:  # the step's own key and value, then the output
+            kn = tl.load(KN + r * skn_r + kvh * skn_h + d).to(tl.float32)
+            vn = tl.load(VN + r * svn_r + kvh * svn_h + d).to(tl.float32)
+            s_n = tl.sum(kn * q, 0)
+            m_new = tl.maximum(m_i, s_n)
+            alpha = tl.exp2(m_i - m_new)
+            p_n = tl.exp2(s_n - m_new)
+            l_i = l_i * alpha + p_n
+            acc = acc * alpha + p_n * vn
+            tl.store(O + r.to(tl.int64) * so_r + h * so_h + d, (acc / l_i).to(O.dtype.element_ty))
+        else:  # this share's softmax state, for _combine_kernel
+            pid = (r.to(tl.int64) * tl.num_programs(2) + h) * SPLITS + j
+            tl.store(PM + pid, m_i)
+            tl.store(PL + pid, l_i)
+            tl.store(PACC + pid * HD + d, acc)
+
+    @triton.jit
+    def _combine_kernel(Q, KN, VN, PM, PL, PACC, O, qk_scale, sq_r, sq_h, skn_r, skn_h, svn_r, svn_h, so_r, so_h,
+                        GROUP: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr):
+        """The split shares of one (row, head) and the step's own key, in a fixed order."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        d = tl.arange(0, HD)
+        scale = tl.max(tl.full([16], 1.0, tl.float32) * qk_scale, 0).to(tl.float32)
+        q = tl.load(Q + r.to(tl.int64) * sq_r + h * sq_h + d).to(tl.float32) * scale
+        kn = tl.load(KN + r * skn_r + kvh * skn_h + d).to(tl.float32)
+        acc = tl.load(VN + r * svn_r + kvh * svn_h + d).to(tl.float32)
+        m_i = tl.sum(kn * q, 0)
+        l_i = m_i * 0.0 + 1.0
+        base = (r.to(tl.int64) * tl.num_programs(1) + h) * SPLITS
+        for j in tl.static_range(SPLITS):
+            mj = tl.load(PM + base + j)
+            lj = tl.load(PL + base + j)
+            aj = tl.load(PACC + (base + j) * HD + d)
+            m_new = tl.maximum(m_i, mj)
+            a = tl.exp2(m_i - m_new)
+            b = tl.exp2(mj - m_new)
+            l_i = l_i * a + lj * b
+            acc = acc * a + aj * b
+            m_i = m_new
+        tl.store(O + r.to(tl.int64) * so_r + h * so_h + d, (acc / l_i).to(O.dtype.element_ty))
+
+
+def decode_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, prow: torch.Tensor,
+                        plen: torch.Tensor, slot: torch.Tensor, scale: float, k_new: torch.Tensor,
+                        v_new: torch.Tensor, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """Attention of one query per row over cached slots [start[r], slot) and the step's own key and value; slots
+    below plen come from row prow[r] of the cache (its prefix), the rest from row r.
+
+    q (R, H, 1, hd); k, v (R, KVH, S_max, hd) in q's dtype, or fp8 with k_scale/v_scale (R, KVH, S_max);
+    start, prow (R,) int32; plen, slot (1,) on the device; k_new, v_new (R, KVH, 1, hd) in q's dtype.
+    """
+    R, H, _, hd = q.shape
+    KVH = k.shape[1]
+    if any(t.stride(-1) != 1 for t in (q, k, v, k_new, v_new)) or hd & (hd - 1) or hd < 16:
+        raise ValueError("decode_attention_v2: the head dimension must be contiguous and a power of two >= 16")
+    fp8 = k_scale is not None
+    c = config or default_config(R * H, fp8)
+    o = torch.empty_like(q)
+    ks, vs = (k_scale, v_scale) if fp8 else (q, q)  # unused pointers when not fp8
+    if c.splits > 1:
+        pm = torch.empty(R, H, c.splits, device=q.device, dtype=torch.float32)
+        pl = torch.empty(R, H, c.splits, device=q.device, dtype=torch.float32)
+        pacc = torch.empty(R, H, c.splits, hd, device=q.device, dtype=torch.float32)
+    else:  # not written: distinct dummies, so no argument aliases another
+        pm = torch.empty(1, device=q.device, dtype=torch.float32)
+        pl = torch.empty(1, device=q.device, dtype=torch.float32)
+        pacc = torch.empty(1, device=q.device, dtype=torch.float32)
+    extra = {"num_stages": c.stages} if c.stages else {}
+    qk_scale = float(scale) * LOG2E
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+               ks.stride(0) if fp8 else 0, ks.stride(1) if fp8 else 0, k_new.stride(0), k_new.stride(1),
+               v_new.stride(0), v_new.stride(1), o.stride(0), o.stride(1))
+    _decode_v2_kernel[(R, c.splits, H)](q, k, v, ks, vs, start, prow, plen, slot, k_new, v_new, o, pm, pl, pacc,
+                                        qk_scale, *strides, GROUP=H // KVH, HD=hd, BLOCK_N=c.block_n,
+                                        SPLITS=c.splits, IS_FP8=fp8, DOT=bool(c.dot), PREFETCH=bool(c.prefetch),
+                                        num_warps=c.warps, **extra)
+    if c.splits > 1:
+        _combine_kernel[(R, H)](q, k_new, v_new, pm, pl, pacc, o, qk_scale, q.stride(0), q.stride(1),
+                                k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), o.stride(0),
+                                o.stride(1), GROUP=H // KVH, HD=hd, SPLITS=c.splits, num_warps=1)
+    return o
+
+
+def decode_attention_v2_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+                            prow: torch.Tensor, plen, slot, scale: float, k_new: torch.Tensor, v_new: torch.Tensor,
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`decode_attention_v2` in fp32 torch ops (tests, and the engine's v2 step where there is no Triton)."""
+    n, L = int(slot), int(plen)
+    pr = prow.long()
+
+    def shared(t):  # each row's prefix slots from its prefix row
+        if t is None:
+            return None
+        t = t[:, :, :n].clone()
+        t[:, :, :L] = t[pr, :, :L]
+        return t
+
+    k, v, k_scale, v_scale = (shared(t) for t in (k, v, k_scale, v_scale))
+    mask = torch.arange(n, device=q.device)[None, :] >= start.long()[:, None]
+    return decode_attention_ref(q, k, v, mask, n, scale, k_new, v_new, k_scale, v_scale)

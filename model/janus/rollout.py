@@ -14,7 +14,19 @@ overhead-bound), this engine does with:
 - `kv_cache="fp8"` (opt-in): K and V stored as float8_e4m3fn with a scale per (row, head, slot), half the bytes
   read per step; it changes some sampled tokens (the bench measures how many), so the default is the model's dtype;
 - the model's own modules and weights (no copy): the engine reads the HF Llama layers' projections, norms and
-  rotary embedding, so it computes what the model computes.
+  rotary embedding, so it computes what the model computes;
+- `impl="v2"` (`JANUS_ROLLOUT_IMPL=v2`; the bench compares it with "v1", today's step, in one process): the same
+  step with less read and fewer kernels. Each distinct prefix is prefilled once and the rows that share it read it
+  from one cache row (the samples of a prompt; unconditional rows of one length), rows skip their left padding,
+  decode attention is `decode_attn.decode_attention_v2` (split along the sequence where rows x heads are few), the
+  q/k/v and gate/up projections run as one matrix product each (concatenated copies of the weights, refreshed from
+  the model at every `sample` call), the generation head joins the compiled step, the cache is written with one
+  copy per tensor for all layers, and the hash sampler is one Triton kernel (model/janus/sample_kernel.py). Without
+  Triton or a GPU it runs the same step with `decode_attention_v2_ref` (the CPU tests compare it with v1).
+
+Teacher forcing (`sample(force=tokens, capture=n)`): each step is fed the given token instead of the sampled one and
+the guided logits of the first n samples are kept (`captured_logits`, (n, n_tokens, V) fp32): the bench compares
+engines on the same token sequence with it (KL divergence, top-1 agreement).
 
 Sampling noise, per sample (the same seed gives the same image whatever else is in the batch):
 - `sampler="hash"` (default, graph-friendly): a counter-based hash of (seed, step, code) gives a uniform per code,
@@ -36,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.janus import decode_attn
+from model.janus import decode_attn, sample_kernel
 
 _M64 = (1 << 64)
 
@@ -87,13 +99,25 @@ class _State:
     inv_temp: torch.Tensor  # () fp32
     noise: torch.Tensor | None = None  # (B, V) Exp(1) noise for the torch sampler
     graphs: dict | None = None
+    impl: str = "v1"
+    kv: tuple = ()  # the cache as whole tensors (layers stacked first): k, v[, k scales, v scales]; k, v are views
+    start: torch.Tensor | None = None  # v2: (R,) int32 first slot a row attends (its left padding is skipped)
+    prow: torch.Tensor | None = None  # v2: (R,) int32 the row whose cache holds this row's prefix
+    plen: torch.Tensor | None = None  # v2: (1,) int32 prefix slots
+    w_qkv: list | None = None  # v2: per layer, q/k/v (and gate/up) weights and biases concatenated
+    b_qkv: list | None = None
+    w_gu: list | None = None
+    b_gu: list | None = None
+    cap_rows: torch.Tensor | None = None  # teacher forcing: the rows whose logits are captured each step
+    cap: torch.Tensor | None = None  # their logits (fp32)
 
 
 class ImageRollout:
     """Samples image tokens for a batch of prefixes (given as embeddings) with CFG."""
 
     def __init__(self, net, n_tokens: int | None = None, bucket: int = 64, use_graphs: bool | None = None,
-                 attn: str | None = None, kv_cache: str | None = None, compile: bool | None = None):
+                 attn: str | None = None, kv_cache: str | None = None, compile: bool | None = None,
+                 impl: str | None = None, config: decode_attn.Config | None = None, share_prefix: bool = True):
         import os
 
         self.net = net
@@ -104,11 +128,18 @@ class ImageRollout:
         # torch.compile the Triton-attention step's layers (JANUS_ROLLOUT_COMPILE=0: off): measured on an H200,
         # 24.8 -> 28.2 images/s, the same tokens run to run and process to process; the first call compiles (~45 s)
         self.compile = os.environ.get("JANUS_ROLLOUT_COMPILE", "1") == "1" if compile is None else compile
-        self._compiled = None
+        self._compiled: dict = {}
         self._compile_ok = False  # a compiled step has run: later errors are not compile problems
-        if self.attn not in ("auto", "triton", "matmul", "sdpa") or self.kv_cache not in ("model", "fp8"):
-            raise ValueError(f"attn {self.attn!r} / kv_cache {self.kv_cache!r}: expected auto|triton|matmul|sdpa "
-                             "and model|fp8")
+        # the step: "v1" (the engine as measured before v2) or "v2" (module docstring); v2's attention launch
+        # configuration (None: decode_attn.default_config) and whether rows share one copy of a common prefix
+        self.impl = impl or os.environ.get("JANUS_ROLLOUT_IMPL", "v1")
+        self.config = config
+        self.share_prefix = share_prefix
+        self.captured_logits: torch.Tensor | None = None
+        if self.attn not in ("auto", "triton", "matmul", "sdpa") or self.kv_cache not in ("model", "fp8") \
+                or self.impl not in ("v1", "v2"):
+            raise ValueError(f"attn {self.attn!r} / kv_cache {self.kv_cache!r} / impl {self.impl!r}: expected "
+                             "auto|triton|matmul|sdpa, model|fp8 and v1|v2")
         self.lm = net.model.language_model
         self.n_tokens = n_tokens or net.config.vision_config.num_image_tokens
         self.bucket = bucket
@@ -122,10 +153,11 @@ class ImageRollout:
 
     # ------------------------------------------------------------------ the model, layer by layer
     def _layers(self, x: torch.Tensor, pos: torch.Tensor, st: _State, S: int, prefill_mask=None,
-                fresh: list | None = None) -> torch.Tensor:
+                fresh: list | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x (R, T, D) at positions pos (R, T): writes K/V at slots [0, T) (prefill) or `st.slot` (decode)
         and returns the final-norm hidden states. `fresh` (Triton decode): each layer's K/V in the cache's format
-        is appended to it instead of written, and the kernel attends them as the step's own key and value."""
+        is appended to it instead of written, and the kernel attends them as the step's own key and value.
+        `rows` (prefill of v2's distinct prefixes): the cache rows that x's rows are written to."""
         cos, sin = self.lm.rotary_emb(x, pos)
         cos, sin = cos[:, None], sin[:, None]
         R, T, _ = x.shape
@@ -142,7 +174,7 @@ class ImageRollout:
                 fp8 = (st.k_scale[i], st.v_scale[i]) if st.k_scale is not None else ()
                 o = decode_attn.decode_attention(q, st.k[i], st.v[i], st.mask, st.slot, a.scaling, k, v, *fp8)
             else:
-                self._store(st, i, self._cache_form(st, k, v), prefill_mask is not None)
+                self._store(st, i, self._cache_form(st, k, v), prefill_mask is not None, rows)
                 o = self._attend(st, i, q, k, v, S, a.scaling, prefill_mask)
             h = h + a.o_proj(o.transpose(1, 2).reshape(R, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -174,13 +206,16 @@ class ImageRollout:
         return kq.view(torch.uint8), vq.view(torch.uint8), ks, vs
 
     @staticmethod
-    def _store(st: _State, i: int, vals: tuple[torch.Tensor, ...], prefill: bool) -> None:
-        """Write layer i's `_cache_form` at slots [0, T) (prefill) or `st.slot` (decode); fp8 goes through byte
-        views (index_copy_ has no fp8 kernel)."""
+    def _store(st: _State, i: int, vals: tuple[torch.Tensor, ...], prefill: bool,
+               rows: torch.Tensor | None = None) -> None:
+        """Write layer i's `_cache_form` at slots [0, T) (prefill; of `rows` only, if given) or `st.slot`
+        (decode); fp8 goes through byte views (index_copy_ has no fp8 kernel)."""
         dsts = (st.k[i], st.v[i]) if st.k_scale is None else (
             st.k[i].view(torch.uint8), st.v[i].view(torch.uint8), st.k_scale[i], st.v_scale[i])
         for dst, src in zip(dsts, vals):
-            if prefill:
+            if prefill and rows is not None:
+                dst[rows, :, :src.shape[2]] = src
+            elif prefill:
                 dst[:, :, :src.shape[2]] = src
             else:
                 dst.index_copy_(2, st.slot, src)
@@ -207,7 +242,17 @@ class ImageRollout:
     def _pick(self, hidden: torch.Tensor, st: _State, sampler: str, top_k: int | None, cfg: bool,
               uniform_scale: float | None) -> torch.Tensor:
         """Token `st.step` (B,) for every sample from the last hidden states (R, D) (reads the state only)."""
-        logits = self.net.model.generation_head(hidden)
+        return self._choose(self.net.model.generation_head(hidden), st, sampler, top_k, cfg, uniform_scale)
+
+    @staticmethod
+    def _capture(st: _State, logits: torch.Tensor) -> None:
+        if st.cap is not None:  # teacher forcing: keep the captured rows' logits of this step
+            st.cap.copy_(logits.index_select(0, st.cap_rows))
+
+    def _choose(self, logits: torch.Tensor, st: _State, sampler: str, top_k: int | None, cfg: bool,
+                uniform_scale: float | None) -> torch.Tensor:
+        """Token `st.step` (B,) for every sample from the head's logits (R, V)."""
+        self._capture(st, logits)
         B = st.B
         if sampler == "torch":  # transformers' order and dtypes: CFG, temperature, top-k, softmax, multinomial
             if cfg:
@@ -249,7 +294,55 @@ class ImageRollout:
         h = self._layers(x, st.pos[:, None], st, st.S, fresh=fresh)
         return h[:, -1], fresh
 
+    def _fused_v2(self, st: _State, cfg: bool) -> tuple[torch.Tensor, list]:
+        """v2's decoding step up to the head, reading the state only: (the head's logits (R, V), the step's K/V
+        of all layers stacked (layers, R, KVH, 1, hd), in the cache's format). Pure, like `_fused`."""
+        tok = torch.cat([st.tok, st.tok]) if cfg else st.tok
+        x = self.net.prepare_embeddings_for_image_generation(tok[:, None])
+        cos, sin = self.lm.rotary_emb(x, st.pos[:, None])
+        cos, sin = cos[:, None], sin[:, None]
+        R = x.shape[0]
+        nq, nkv = self.H * self.hd, self.KVH * self.hd
+        attend = decode_attn.decode_attention_v2 if st.attn == "triton" else decode_attn.decode_attention_v2_ref
+        kw = {"config": self.config} if st.attn == "triton" else {}
+        forms = []
+        h = x
+        for i, layer in enumerate(self.lm.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            qkv = F.linear(layer.input_layernorm(h), st.w_qkv[i], st.b_qkv[i])
+            q = qkv[..., :nq].view(R, 1, self.H, self.hd).transpose(1, 2)
+            k = qkv[..., nq:nq + nkv].view(R, 1, self.KVH, self.hd).transpose(1, 2)
+            v = qkv[..., nq + nkv:].view(R, 1, self.KVH, self.hd).transpose(1, 2)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            forms.append(self._cache_form(st, k, v))
+            fp8 = (st.k_scale[i], st.v_scale[i]) if st.k_scale is not None else ()
+            o = attend(q, st.k[i], st.v[i], st.start, st.prow, st.plen, st.slot, a.scaling, k, v, *fp8, **kw)
+            h = h + a.o_proj(o.transpose(1, 2).reshape(R, 1, -1))
+            gate, up = F.linear(layer.post_attention_layernorm(h), st.w_gu[i], st.b_gu[i]).chunk(2, -1)
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+        logits = self.net.model.generation_head(self.lm.norm(h)[:, -1])
+        return logits, [torch.stack(t) for t in zip(*forms)]
+
+    def _decode_step_v2(self, st: _State, sampler: str, top_k, cfg: bool, uniform_scale) -> None:
+        logits, forms = self._layers_step(st, cfg)
+        if st.attn == "triton" and sampler == "hash" and top_k is None and not self._greedy \
+                and sample_kernel.available(logits.device):
+            self._capture(st, logits)
+            tok = sample_kernel.gumbel_argmax(logits, st.seeds, st.scales, st.inv_temp, st.step, cfg)
+        else:
+            tok = self._choose(logits, st, sampler, top_k, cfg, uniform_scale)
+        # the cache, all layers in one copy per tensor: slot is dim 3 of (layers, R, KVH, S[, hd])
+        dsts = st.kv if st.k_scale is None else (st.kv[0].view(torch.uint8), st.kv[1].view(torch.uint8), *st.kv[2:])
+        for dst, src in zip(dsts, forms):
+            dst.index_copy_(3, st.slot, src)
+        st.mask.index_fill_(1, st.slot, True)
+        st.pos.add_(1)
+        st.slot.add_(1)
+        self._record(st, tok)
+
     def _decode_step(self, st: _State, S: int, sampler: str, top_k, cfg: bool, uniform_scale) -> None:
+        if st.impl == "v2":
+            return self._decode_step_v2(st, sampler, top_k, cfg, uniform_scale)
         if st.attn == "triton":
             h, fresh = self._layers_step(st, cfg)
             tok = self._pick(h, st, sampler, top_k, cfg, uniform_scale)
@@ -269,10 +362,11 @@ class ImageRollout:
         self._sample(h[:, -1], st, sampler, top_k, cfg, uniform_scale)
 
     def _layers_step(self, st: _State, cfg: bool) -> tuple[torch.Tensor, list]:
-        if not self.compile:
-            return self._fused(st, cfg)
+        fused = self._fused_v2 if st.impl == "v2" else self._fused
+        if not self.compile or st.attn != "triton":  # the reference attention (no Triton) runs eagerly
+            return fused(st, cfg)
         try:
-            out = self._compiled_fused()(st, cfg)
+            out = self._compiled_fused(st.impl)(st, cfg)
         except Exception as exc:  # noqa: BLE001 - a compiler that cannot take the step: run it eagerly, say so
             if self._compile_ok:
                 raise
@@ -281,19 +375,21 @@ class ImageRollout:
             warnings.warn(f"rollout engine: torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); "
                           "running the step eagerly", stacklevel=2)
             self.compile = False
-            return self._fused(st, cfg)
+            return fused(st, cfg)
         self._compile_ok = True
         return out
 
-    def _compiled_fused(self):
-        """`_fused` through torch.compile (Inductor fuses the norms, rotary embedding and activations;
-        matrix products stay cuBLAS'; deterministic mode where Inductor has one: no benchmark-picked kernels)."""
-        if self._compiled is None:
+    def _compiled_fused(self, impl: str = "v1"):
+        """`_fused` (v2: `_fused_v2`) through torch.compile (Inductor fuses the norms, rotary embedding and
+        activations; matrix products stay cuBLAS'; deterministic mode where Inductor has one: no benchmark-picked
+        kernels)."""
+        if impl not in self._compiled:
             from torch._inductor import config as ic
 
             opts = {"deterministic": True} if hasattr(ic, "deterministic") else {}
-            self._compiled = torch.compile(self._fused, dynamic=False, options=opts)
-        return self._compiled
+            fn = self._fused_v2 if impl == "v2" else self._fused
+            self._compiled[impl] = torch.compile(fn, dynamic=False, options=opts)
+        return self._compiled[impl]
 
     # ------------------------------------------------------------------ state
     def _resolved_attn(self, dev: torch.device) -> str:
@@ -310,15 +406,55 @@ class ImageRollout:
         z = lambda *s, **kw: torch.zeros(*s, device=dev, **kw)  # noqa: E731
         fp8 = self.kv_cache == "fp8"
         kv_dtype = decode_attn.FP8 if fp8 else dtype
-        scales = (lambda: [z(shape[:3], dtype=torch.float32) for _ in range(nl)]) if fp8 else (lambda: None)
-        return _State(key=key, R=R, B=B, L=L, S=S, attn=self._resolved_attn(torch.device(dev)),
-                      k=[torch.zeros(shape, device=dev, dtype=kv_dtype) for _ in range(nl)],
-                      v=[torch.zeros(shape, device=dev, dtype=kv_dtype) for _ in range(nl)],
-                      k_scale=scales(), v_scale=scales(),
-                      mask=z(R, S, dtype=torch.bool), pos=z(R, dtype=torch.long), slot=z(1, dtype=torch.long),
-                      step=z(1, dtype=torch.long), tok=z(B, dtype=torch.long),
-                      out=z(B, self.n_tokens, dtype=torch.long), seeds=z(B, dtype=torch.long),
-                      scales=z(B, 1, dtype=torch.float32), inv_temp=z((), dtype=torch.float32))
+        # each cache tensor whole, layers first (v2 writes a step's slot of all layers in one copy); per-layer views
+        kv = (z((nl, *shape), dtype=kv_dtype), z((nl, *shape), dtype=kv_dtype))
+        if fp8:
+            kv += (z((nl, *shape[:3]), dtype=torch.float32), z((nl, *shape[:3]), dtype=torch.float32))
+        views = [list(t.unbind(0)) for t in kv]
+        st = _State(key=key, R=R, B=B, L=L, S=S, attn=self._resolved_attn(torch.device(dev)),
+                    k=views[0], v=views[1], k_scale=views[2] if fp8 else None, v_scale=views[3] if fp8 else None,
+                    mask=z(R, S, dtype=torch.bool), pos=z(R, dtype=torch.long), slot=z(1, dtype=torch.long),
+                    step=z(1, dtype=torch.long), tok=z(B, dtype=torch.long),
+                    out=z(B, self.n_tokens, dtype=torch.long), seeds=z(B, dtype=torch.long),
+                    scales=z(B, 1, dtype=torch.float32), inv_temp=z((), dtype=torch.float32), impl=self.impl, kv=kv)
+        if self.impl == "v2":
+            st.start, st.prow = z(R, dtype=torch.int32), z(R, dtype=torch.int32)
+            st.plen = z(1, dtype=torch.int32)
+            st.w_qkv, st.b_qkv, st.w_gu, st.b_gu = [], [], [], []
+            for layer in self.lm.layers:
+                a, m = layer.self_attn, layer.mlp
+                for ws, bs, mods in ((st.w_qkv, st.b_qkv, (a.q_proj, a.k_proj, a.v_proj)),
+                                     (st.w_gu, st.b_gu, (m.gate_proj, m.up_proj))):
+                    ws.append(torch.empty(sum(p.weight.shape[0] for p in mods), mods[0].weight.shape[1],
+                                          device=dev, dtype=mods[0].weight.dtype))
+                    bs.append(None if mods[0].bias is None else
+                              torch.empty(ws[-1].shape[0], device=dev, dtype=mods[0].bias.dtype))
+        return st
+
+    def _refresh_weights(self, st: _State) -> None:
+        """v2's concatenated projection weights from the model's current ones (in place: graphs read them)."""
+        for i, layer in enumerate(self.lm.layers):
+            a, m = layer.self_attn, layer.mlp
+            for w, b, mods in ((st.w_qkv[i], st.b_qkv[i], (a.q_proj, a.k_proj, a.v_proj)),
+                               (st.w_gu[i], st.b_gu[i], (m.gate_proj, m.up_proj))):
+                torch.cat([p.weight for p in mods], out=w)
+                if b is not None:
+                    torch.cat([p.bias for p in mods], out=b)
+
+    @staticmethod
+    def prefix_groups(x: torch.Tensor, keym: torch.Tensor) -> torch.Tensor:
+        """(R,) int64: for each row of left-padded prefixes x (R, L, D) with key mask keym (R, L), the first row
+        with the same prefix (itself if none). Candidates by a random projection, each checked exactly."""
+        R = x.shape[0]
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(x.shape[1], x.shape[2], generator=g).to(x.device)
+        fp = (x.float() * w).sum((1, 2)).tolist()
+        lens = keym.sum(1).tolist()
+        first: dict = {}
+        lead = torch.tensor([first.setdefault((f, n), r) for r, (f, n) in enumerate(zip(fp, lens))],
+                            device=x.device)
+        same = (x == x[lead]).flatten(1).all(1) & (keym == keym[lead]).all(1)
+        return torch.where(same, lead, torch.arange(R, device=x.device))
 
     def release(self) -> None:
         self._state = None
@@ -337,11 +473,15 @@ class ImageRollout:
     @torch.no_grad()
     def sample(self, cond: list[torch.Tensor], uncond: list[torch.Tensor] | None, seeds: list[int],
                cfg_scales: list[float], temperature: float = 1.0, top_k: int | None = None,
-               sampler: str = "hash", pad_to: int = 1) -> torch.Tensor:
+               sampler: str = "hash", pad_to: int = 1, force: torch.Tensor | None = None,
+               capture: int = 0) -> torch.Tensor:
         """Image tokens (B, n_tokens) for prefixes given as embeddings (each (L_i, D)).
 
         `uncond`: the unconditional prefixes (None: no guidance). Rows are left-padded to a common length
         (rounded up to `pad_to`, so graphs are reused across calls).
+        Teacher forcing: `force` (B, n_tokens) is fed instead of the sampled tokens (which are still returned:
+        an engine forced with its own tokens returns them again) and, with `capture` = n > 0, the guided logits
+        (CFG applied, before temperature) of samples [0, n) at every step are left in `captured_logits`.
         Kept in one function: it is one decode loop over the preallocated `_State` (reset, prefill, then a
         graph replay or an eager step per token); the per-token work already lives in `_sample`/`_decode_step`.
         """
@@ -358,7 +498,7 @@ class ImageRollout:
         self._greedy = temperature <= 0
         graphs = self.use_graphs if self.use_graphs is not None else dev.type == "cuda"
         graphs = graphs and sampler == "hash"
-        key = (R, B, L, str(dev), dtype, self.attn, self.kv_cache)
+        key = (R, B, L, str(dev), dtype, self.attn, self.kv_cache, self.impl)
         st = self._state
         if st is None or st.key != key:
             self._state = None
@@ -371,6 +511,13 @@ class ImageRollout:
             x[i, L - r.shape[0]:] = r
             keym[i, L - r.shape[0]:] = True
         pos = (keym.long().cumsum(-1) - 1).clamp_(min=0)
+        lead = None
+        if st.impl == "v2":
+            lead = self.prefix_groups(x, keym) if self.share_prefix else torch.arange(R, device=dev)
+            st.prow.copy_(lead)
+            st.start.copy_(L - keym.sum(-1))
+            st.plen.fill_(L)
+            self._refresh_weights(st)
         # reset the counters and masks
         st.mask.zero_()
         st.mask[:, :L] = keym
@@ -389,8 +536,15 @@ class ImageRollout:
             self._draw(st, gens)
         causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
         pm = (causal[None] & keym[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
-        h = self._layers(x, pos, st, L, prefill_mask=pm[:, None])
+        if lead is not None:  # v2: each distinct prefix once, into its first row
+            uniq, inv = torch.unique(lead, return_inverse=True)
+            h = self._layers(x[uniq], pos[uniq], st, L, prefill_mask=pm[uniq][:, None], rows=uniq)[inv]
+        else:
+            h = self._layers(x, pos, st, L, prefill_mask=pm[:, None])
+        self._start_capture(st, capture, B, cfg)
         self._sample(h[:, -1], st, sampler, top_k, cfg, uniform)
+        forced = force.to(dev) if force is not None else None
+        self._after_step(st, forced, 0)  # before the graphs' warm-up steps overwrite the captured logits
         if graphs:
             self._ensure_graphs(st, top_k, cfg, uniform)
         for t in range(1, self.n_tokens):
@@ -401,14 +555,41 @@ class ImageRollout:
                 if gens is not None:
                     self._draw(st, gens)
                 self._decode_step(st, S, sampler, top_k, cfg, uniform)
+            self._after_step(st, forced, t)
         return st.out.clone()
+
+    def _start_capture(self, st: _State, n: int, B: int, cfg: bool) -> None:
+        """The capture buffer of teacher forcing: kept while calls capture the same rows (captured graphs write
+        into it); dropped by a call that captures nothing (its graphs are captured without it)."""
+        self.captured_logits = None
+        if not n:
+            st.cap = st.cap_rows = None
+            return
+        n = min(n, B)
+        idx = list(range(n)) + ([B + i for i in range(n)] if cfg else [])
+        if st.cap is None or st.cap.shape[0] != len(idx):
+            st.cap_rows = torch.tensor(idx, device=st.tok.device)
+            st.cap = torch.zeros(len(idx), self.V, device=st.tok.device, dtype=torch.float32)
+        self.captured_logits = torch.zeros(n, self.n_tokens, self.V, device=st.tok.device, dtype=torch.float32)
+
+    def _after_step(self, st: _State, forced: torch.Tensor | None, t: int) -> None:
+        """Teacher forcing after step t: keep the captured logits (guided), feed the forced token."""
+        if st.cap is not None:
+            n = self.captured_logits.shape[0]
+            lg = st.cap
+            if lg.shape[0] > n:  # conditional rows, then unconditional: the guidance the sampler applies
+                c, u = lg[:n], lg[n:]
+                lg = u + (c - u) * st.scales[:n]
+            self.captured_logits[:, t] = lg
+        if forced is not None:
+            st.tok.copy_(forced[:, t])
 
     def _draw(self, st: _State, gens) -> None:
         for b, g in enumerate(gens):
             st.noise[b].exponential_(1, generator=g)
 
     def _ensure_graphs(self, st: _State, top_k, cfg: bool, uniform) -> None:
-        gkey = (top_k, cfg, self._greedy)
+        gkey = (top_k, cfg, self._greedy, None if st.cap is None else st.cap.data_ptr())
         if st.graphs is not None and st.graphs.get("_key") == gkey:
             return
         # warm up on a side stream (this runs steps: save and restore the counters; the cache slots they write
