@@ -464,10 +464,27 @@ def main(argv=None) -> dict:
                 r["speedup_vs_generate"] = round(r["images_per_s"] / res["generate"]["images_per_s"], 2)
     res["total_s"] = round(time.perf_counter() - t_all, 1)
     bn.save()
-    summary = {n: {k: r.get(k) for k in ("images_per_s", "cache_read_TBps_requested", "cache_read_TBps_unique",
-                                          "same_seed_same_tokens")} for n, r in res.get("engines", {}).items()}
-    print("[rollout_bench] summary", json.dumps({"engines": summary, "generate": res.get("generate"),
-                                                 "ceiling": res.get("ceiling")}), flush=True)
+    def brief(r: dict) -> dict:
+        out = {k: r.get(k) for k in ("images_per_s", "step_ms", "cache_read_TBps_requested", "cache_read_TBps_unique",
+                                     "of_peak_requested", "same_seed_same_tokens", "token_match_vs_first_engine",
+                                     "config") if r.get(k) is not None}
+        if isinstance(r.get("fidelity"), dict):
+            out["fidelity"] = {k: r["fidelity"][k] for k in ("kl_mean", "kl_max", "top1_agreement")}
+        if r.get("no_prefix_sharing"):
+            out["no_prefix_sharing_images_per_s"] = r["no_prefix_sharing"]["images_per_s"]
+        return out
+
+    cal = res.get("calibration_v1_eager_vs_compiled") or {}
+    print("[rollout_bench] summary", json.dumps({
+        "engines": {n: brief(r) for n, r in res.get("engines", {}).items()},
+        "generate_images_per_s": (res.get("generate") or {}).get("images_per_s"), "peak": res.get("peak"),
+        "calibration": {k: cal.get(k) for k in ("kl_mean", "kl_max", "top1_agreement")} if cal else None,
+        "sweep_best": {f: {k: r.get(k) for k in ("config", "us", "TBps_requested", "TBps_unique")}
+                       for f, r in (res.get("sweep") or {}).get("best", {}).items()},
+        "sweep_v1": {f: {k: r.get(k) for k in ("us", "TBps_requested")}
+                     for f, r in (res.get("sweep") or {}).get("v1", {}).items()},
+        "ceiling_images_per_s": {k: v["images_per_s"] for k, v in res.get("ceiling", {}).items()
+                                 if isinstance(v, dict)}}), flush=True)
     return res
 
 
