@@ -16,12 +16,14 @@ $(PY):
 	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# CPU machines take the 2.13.0 CPU build that lies on disk; a machine with a GPU keeps its own CUDA build.
+# CPU machines take the 2.13.0 CPU build that lies on disk, and Triton 3.6.0, whose interpreter runs the Janus
+# rollout's GPU kernels in the tests (tests/janus/test_rollout_v2.py); a machine with a GPU keeps its own CUDA build
+# and the Triton that came with it.
 # deepspeed ships only a source archive whose setup imports torch: build it against the torch installed here.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile | $(PY)
 	@if command -v nvidia-smi >/dev/null 2>&1 && $(PY) -c "import torch" 2>/dev/null; then \
 		echo "GPU machine: keeping the installed torch"; \
-	else $(PIP) install -q "torch==2.13.0"; fi
+	else $(PIP) install -q "torch==2.13.0" "triton==3.6.0"; fi
 	$(PIP) install -q --no-build-isolation "deepspeed==0.19.8"
 	$(PIP) install -q -e ".[test]"
 	@touch $(STAMP)

@@ -157,7 +157,7 @@ def test_engine_v2_equals_v1_on_cpu(tiny):
     tokens, and v1's logits over v1's tokens (teacher forced) to fp32 rounding."""
     cond, unc = _rows(tiny)
     seeds, scales = [1, 2, 3, 4], [3.0, 5.0, 5.0, 2.0]
-    v1, v2 = ImageRollout(tiny.net), ImageRollout(tiny.net, impl="v2")
+    v1, v2 = ImageRollout(tiny.net, impl="v1"), ImageRollout(tiny.net, impl="v2")
     a = v1.sample(cond, unc, seeds, scales, capture=4)
     la = v1.captured_logits
     b = v2.sample(cond, unc, seeds, scales, force=a, capture=4)
