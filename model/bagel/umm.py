@@ -39,7 +39,7 @@ from model.bagel import vae as V
 from model.bagel.config import BagelConfig
 from model.bagel.modeling import BagelNet
 from model.ids import checkpoint_id_of_file
-from model.janus import text as T
+from model import prompts as T
 from model.protocol import ROLES, CPRExample, Judgement, LossTerm
 from model.registry import resolve_dtype
 

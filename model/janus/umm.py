@@ -7,7 +7,7 @@ Every role through one parameter set:
 - reflect: the same with the flawed image's VQ codes in the prefix (image-conditioned image generation).
 - judge / answer / propose: text generation through the understanding path (SigLIP features in place of
   <image_placeholder> tokens) with the conversation template; the judge writes its analysis and a JSON score,
-  parsed robustly (model/janus/text.py), an unparsed answer is a Judgement with parse_ok False and no score.
+  parsed robustly (model/prompts.py), an unparsed answer is a Judgement with parse_ok False and no score.
 - training (model/protocol.py `TrainableModel`): a loss per CPR kind (`loss_terms`, one forward per kind) -
   generation: cross-entropy over the image's VQ codes through `generation_head` (transformers has no such loss);
   caption and judgement: the language-model loss on the answer, given the image and the question; reflection:
