@@ -71,11 +71,11 @@ def bench_rollout(resolutions=(512, 1024), images: int = 4, steps: int = 50, cfg
     calls: list[tuple[int, int]] = []
     velocities = umm._velocities
 
-    def counted(prefixes, x, t, side):  # one (queries, keys) per branch and image: padded keys are not counted
+    def counted(prefixes, x, t, side, memo=None):  # one (queries, keys) per branch and image: padding not counted
         for kv, _ in prefixes:
             p = 0 if kv is None else kv[0][0].shape[1]
             calls.append((x.shape[1] + 2, p + x.shape[1] + 2))
-        return velocities(prefixes, x, t, side)
+        return velocities(prefixes, x, t, side, memo=memo)
 
     umm._velocities = counted
     prompts = ["a photo of a red bicycle and a blue dog", "a photo of three cups on a wooden table"]

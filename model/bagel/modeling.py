@@ -206,13 +206,30 @@ class MLP(Qwen2MLP):
 FEW = 32
 
 
-class _Route:
-    """Which rows of a packed sequence are understanding and which are generation tokens."""
+def to_device(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor (or list) on `device` without a stream sync: a copy from pageable memory waits for every
+    kernel queued before it, so the host could never run ahead of the GPU; through pinned memory it is queued like
+    a kernel (the host allocator keeps the pinned block until the copy has run)."""
+    t = data if torch.is_tensor(data) else torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
-    def __init__(self, gen_mask: torch.Tensor):
+
+class _Route:
+    """Which rows of a packed sequence are understanding and which are generation tokens. The mask may come from
+    the host (the blocks know their rows there): its indices are then found on the host and queued to `device`,
+    where `nonzero` on the device would stop the host until the GPU caught up."""
+
+    def __init__(self, gen_mask: torch.Tensor, device: torch.device | str | None = None):
         self.n = gen_mask.shape[0]
-        self.gen = gen_mask.nonzero().squeeze(1)
-        self.und = (~gen_mask).nonzero().squeeze(1)
+        device = gen_mask.device if device is None else device
+        if gen_mask.device.type == "cpu":
+            self.gen = to_device(gen_mask.nonzero().squeeze(1), device)
+            self.und = to_device((~gen_mask).nonzero().squeeze(1), device)
+        else:
+            self.gen = gen_mask.nonzero().squeeze(1)
+            self.und = (~gen_mask).nonzero().squeeze(1)
 
     def __call__(self, x: torch.Tensor, und_fn, gen_fn) -> torch.Tensor:
         """und_fn on the understanding rows, gen_fn on the generation rows, put back in place."""
@@ -545,7 +562,7 @@ class BagelNet(nn.Module):
         the same visibility as the mask with the flash kernels wherever a range is an image block (`attend`).
         """
         lm = self.language_model.model
-        route = _Route(gen_mask)
+        route = _Route(gen_mask, embeds.device)
         cos, sin = lm.rotary_emb(embeds, position_ids[None])
         cos, sin = cos[0], sin[0]
         x, kvs = embeds, []
@@ -565,7 +582,7 @@ class BagelNet(nn.Module):
         P + L keys, each (B, kv_heads, P + L, head_dim)."""
         B, L, D = embeds.shape
         lm = self.language_model.model
-        route = _Route(gen_mask.reshape(-1))
+        route = _Route(gen_mask.reshape(-1), embeds.device)
         cos, sin = lm.rotary_emb(embeds, position_ids)
         x, kvs = embeds.reshape(B * L, D), []
         for i, layer in enumerate(lm.layers):

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field, model_validator
 
 from configs.loader import FloatPair, Strict
+from model.bagel.modeling import to_device
 
 RenormType = Literal["global", "channel", "text_channel"]
 
@@ -86,7 +87,8 @@ def _inside(t, interval: tuple[float, float]) -> bool:
 
 
 def _per_sample(v: torch.Tensor, scale) -> torch.Tensor:
-    s = torch.as_tensor(scale, dtype=v.dtype, device=v.device).reshape(-1)
+    """The text scales (B,) on the host: which samples are guided is known there, without waiting on the GPU."""
+    s = torch.as_tensor(scale, dtype=torch.float32).cpu().reshape(-1)
     if s.numel() == 1:
         s = s.expand(v.shape[0])
     if s.numel() != v.shape[0]:
@@ -104,10 +106,11 @@ def guide(v_cond: torch.Tensor, v_text_uncond: torch.Tensor | None, v_img_uncond
         raise ValueError(f"cfg_renorm_type {renorm_type!r}: expected global, channel or text_channel")
     if not _inside(t, interval):
         return v_cond  # official: both scales set to 1 outside the interval
-    s = _per_sample(v_cond, text_scale)
-    active = s > 1.0
-    if not bool(active.any()):
+    s_host = _per_sample(v_cond, text_scale)
+    if not bool((s_host > 1.0).any()):
         return v_cond
+    s = to_device(s_host, v_cond.device).to(v_cond.dtype)
+    active = s > 1.0
     if v_text_uncond is None:
         raise ValueError("text CFG is active but no text-unconditional velocity was given")
     use_img = img_scale > 1.0
@@ -142,18 +145,21 @@ def sample(velocity_fn: VelocityFn, noise: torch.Tensor, sampling: FlowSampling,
     embedder takes) and a `CfgActive`; it returns (v_cond, v_text_uncond, v_img_uncond), the unconditional ones may
     be None where `active` does not ask for them. `text_scales`: the text CFG scale per sample (<= 1: off)."""
     b = noise.shape[0]
-    scales = torch.as_tensor(text_scales, dtype=torch.float32, device=noise.device).reshape(-1)
+    # the schedule and the scales on the host: whether a step guides, and whom, is decided there, so the loop never
+    # waits on the GPU (a device tensor read back per step would stop the host from queuing ahead)
+    scales = torch.as_tensor(text_scales, dtype=torch.float32).cpu().reshape(-1)
     if scales.numel() != b:
         raise ValueError(f"{scales.numel()} text scales for a batch of {b}")
-    ts = shifted_timesteps(sampling.steps, sampling.timestep_shift, device=noise.device)
+    host_ts = shifted_timesteps(sampling.steps, sampling.timestep_shift)
+    ts = to_device(host_ts, noise.device)
     x = noise
     for i in range(sampling.steps - 1):
         t, t_next = ts[i], ts[i + 1]
-        inside = _inside(t, sampling.cfg_interval)
+        inside = _inside(host_ts[i], sampling.cfg_interval)
         text_on = (scales > 1.0) & inside
         active = CfgActive(text=text_on, img=bool(text_on.any()) and sampling.cfg_img_scale > 1.0)
         v_cond, v_text, v_img = velocity_fn(x, t.expand(b), active)
-        v = guide(_as(v_cond, x), _as(v_text, x), _as(v_img, x), t, scales, sampling.cfg_img_scale,
+        v = guide(_as(v_cond, x), _as(v_text, x), _as(v_img, x), host_ts[i], scales, sampling.cfg_img_scale,
                   sampling.cfg_interval, sampling.cfg_renorm_type, sampling.cfg_renorm_min)
         x = euler_step(x, v, t, t_next)
     return x

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,7 @@ from configs.loader import Strict
 from model.bagel import sampler as S
 from model.bagel import vae as V
 from model.bagel.config import BagelConfig
-from model.bagel.modeling import BagelNet
+from model.bagel.modeling import BagelNet, to_device
 from model.ids import checkpoint_id_of_file
 from model import prompts as T
 from model.protocol import ROLES, CPRExample, Judgement, LossTerm
@@ -74,8 +75,9 @@ class Settings(Strict):
 
 
 class Block:
-    """One block of a packed sequence: its embeddings, per-token generation flags, and whether it is an image (one
-    RoPE position, full attention inside) or text (consecutive positions, causal)."""
+    """One block of a packed sequence: its embeddings, per-token generation flags (on the host: the routing's
+    indices are found there, with no sync), and whether it is an image (one RoPE position, full attention inside)
+    or text (consecutive positions, causal)."""
 
     def __init__(self, embeds: torch.Tensor, gen: torch.Tensor, image: bool):
         self.embeds, self.gen, self.image = embeds, gen, image
@@ -107,16 +109,16 @@ def layout(blocks: list[Block], start: int = 0, with_mask: bool = True):
         owner += [b] * n
         causal += [not blk.image] * n
     L = len(pos)
+    gen = torch.cat([b.gen.cpu() for b in blocks])
     if not with_mask:
-        return torch.cat([b.embeds for b in blocks]), torch.tensor(pos, device=dev), torch.cat([b.gen for b in blocks]), None, p
-    owner_t = torch.tensor(owner, device=dev)
-    idx = torch.arange(L, device=dev)
+        return torch.cat([b.embeds for b in blocks]), to_device(pos, dev, torch.long), gen, None, p
+    owner_t = torch.tensor(owner)
+    idx = torch.arange(L)
     same = owner_t[:, None] == owner_t[None, :]
-    causal_t = torch.tensor(causal, device=dev)
+    causal_t = torch.tensor(causal)
     # earlier blocks always; inside a block: everything for an image, the past for text
     mask = (owner_t[:, None] > owner_t[None, :]) | (same & (~causal_t[:, None] | (idx[:, None] >= idx[None, :])))
-    return (torch.cat([b.embeds for b in blocks]), torch.tensor(pos, device=dev),
-            torch.cat([b.gen for b in blocks]), mask, p)
+    return torch.cat([b.embeds for b in blocks]), to_device(pos, dev, torch.long), gen, to_device(mask, dev), p
 
 
 class BagelUMM:
@@ -127,11 +129,13 @@ class BagelUMM:
         self.settings = settings or Settings()
         self._posteriors: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # LRU: image digest -> VAE posterior
         self._posterior_bytes = 0
+        self._digests: dict[int, tuple[weakref.ref, bytes]] = {}
         self.cfg: BagelConfig = net.cfg
         self.ids = {k: int(tokenizer.convert_tokens_to_ids(v)) for k, v in SPECIALS.items()}
         self._model_id = model_id
         self._preference_calls = 0
         self._latent_pos: dict[int, torch.Tensor] = {}
+        self._marker_ids: dict[torch.device, torch.Tensor] = {}
 
     @property
     def settings(self) -> Settings:
@@ -232,15 +236,17 @@ class BagelUMM:
         return self._ids_block(ids)
 
     def _ids_block(self, ids: list[int]) -> Block:
-        t = torch.tensor(ids, device=self.device)
-        return Block(self.net.embed_text(t), torch.zeros(len(ids), dtype=torch.bool, device=self.device), False)
+        t = to_device(ids, self.device, torch.long)
+        return Block(self.net.embed_text(t), torch.zeros(len(ids), dtype=torch.bool), False)
 
     def _markers(self, inner: torch.Tensor, gen: bool) -> Block:
-        soi = self.net.embed_text(torch.tensor([self.ids["soi"]], device=self.device))
-        eoi = self.net.embed_text(torch.tensor([self.ids["eoi"]], device=self.device))
-        flags = torch.zeros(inner.shape[0] + 2, dtype=torch.bool, device=self.device)
+        dev = inner.device
+        if dev not in self._marker_ids:  # every block asks: the ids go to the device once
+            self._marker_ids[dev] = torch.tensor([self.ids["soi"], self.ids["eoi"]], device=dev)
+        ends = self.net.embed_text(self._marker_ids[dev])
+        flags = torch.zeros(inner.shape[0] + 2, dtype=torch.bool)
         flags[1:-1] = gen
-        return Block(torch.cat([soi, inner.to(soi.dtype), eoi]), flags, True)
+        return Block(torch.cat([ends[:1], inner.to(ends.dtype), ends[1:]]), flags, True)
 
     def vit_block(self, image: Image.Image) -> Block:
         pv, pos, _ = self.net.vit_patchify(image.convert("RGB"), self.settings.vit_max_side)
@@ -261,26 +267,43 @@ class BagelUMM:
         at 1024 px the encoder costs about a third of a training step at 4-8 layers. Each draw is the same as
         encoding afresh with that generator; a posterior encoded in another batch may differ in its last bits
         (convolution algorithms depend on the batch's shape)."""
-        ims = [im.convert("RGB").resize((side, side), Image.BICUBIC) for im in images]
+        def resized(im: Image.Image) -> Image.Image:
+            return im.convert("RGB").resize((side, side), Image.BICUBIC)
+
         cap = int(self.settings.latent_cache_gib * 2**30)
         if cap <= 0:
-            z = V.encode(self.vae, ims, generator=generator)
+            z = V.encode(self.vae, [resized(im) for im in images], generator=generator)
             return V.pack_latents(z.float(), self.cfg.latent_patch_size)
-        keys = [(side, im.size, hashlib.blake2b(im.tobytes(), digest_size=16).digest()) for im in ims]
-        todo = {k: im for k, im in zip(keys, ims) if k not in self._posteriors}
+        keys = [(side, self._digest(im)) for im in images]
+        todo = {k: im for k, im in zip(keys, images) if k not in self._posteriors}
         if todo:
-            params = V.posterior(self.vae, list(todo.values())).cpu()
+            params = V.posterior(self.vae, [resized(im) for im in todo.values()]).cpu()
+            pin = self.device.type == "cuda"  # pinned: sent back without a sync at every later draw
             for k, p in zip(todo, params):
-                self._posteriors[k] = p
+                self._posteriors[k] = p.pin_memory() if pin else p.clone()
                 self._posterior_bytes += p.numel() * p.element_size()
-        params = torch.stack([self._posteriors[k] for k in keys])
+        params = torch.stack([to_device(self._posteriors[k], self.device) for k in keys])
         for k in keys:
             self._posteriors.move_to_end(k)
         while self._posterior_bytes > cap and len(self._posteriors) > len(set(keys)):
             _, old = self._posteriors.popitem(last=False)
             self._posterior_bytes -= old.numel() * old.element_size()
-        z = V.sample_posterior(self.vae, params.to(self.device), generator=generator)
+        z = V.sample_posterior(self.vae, params, generator=generator)
         return V.pack_latents(z.float(), self.cfg.latent_patch_size)
+
+    def _digest(self, image: Image.Image) -> bytes:
+        """The content digest of an image, kept per image object (a training target is drawn at many steps; hashing
+        its pixels each time costs milliseconds of host time a step). An image object is taken as unchanged once
+        seen: the examples never modify theirs."""
+        key = id(image)  # PIL images are unhashable; a weak reference drops the entry with its image
+        entry = self._digests.get(key)
+        if entry is not None and entry[0]() is image:
+            return entry[1]
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{image.mode} {image.size}".encode())
+        h.update(image.tobytes())
+        self._digests[key] = (weakref.ref(image, lambda _, k=key, d=self._digests: d.pop(k, None)), h.digest())
+        return self._digests[key][1]
 
     # ------------------------------------------------------------------ generation
     def _side(self, sampling: S.FlowSampling) -> int:
@@ -304,12 +327,14 @@ class BagelUMM:
             prefixes = [[self._prefix(contexts[i]) for i in idx], [self._prefix(uncond_text[i]) for i in idx],
                         [self._prefix(uncond_img[i]) for i in idx] if uncond_img is not None else None]
 
-            def velocity(x, t, active, prefixes=prefixes):
+            memo: dict = {}  # the branches' stacked caches and positions, built once for the whole schedule
+
+            def velocity(x, t, active, prefixes=prefixes, memo=memo):
                 # the branches this step needs, for every image of the group, as one batch: one forward
                 want = [0] + ([1] if bool(active.text.any()) else []) + ([2] if active.img and prefixes[2] else [])
                 n = x.shape[0]
                 v = self._velocities([p for j in want for p in prefixes[j]], x.repeat(len(want), 1, 1),
-                                     t.repeat(len(want)), side)
+                                     t.repeat(len(want)), side, memo=memo.setdefault(tuple(want), {}))
                 res = [None, None, None]
                 for r, j in enumerate(want):
                     res[j] = v[r * n:(r + 1) * n]
@@ -345,20 +370,41 @@ class BagelUMM:
         _, kv, nxt = self._run(blocks, return_kv=True)
         return kv, nxt
 
-    def _velocities(self, prefixes: list, x: torch.Tensor, t: torch.Tensor, side: int) -> torch.Tensor:
+    def _velocities(self, prefixes: list, x: torch.Tensor, t: torch.Tensor, side: int,
+                    memo: dict | None = None) -> torch.Tensor:
         """(S, N, C): the velocity of latents x[s] (S, N, C) at time t[s] under context s (its KV cache; the
         caches left-padded to one length, each branch's attention from its own first key), in one batched
-        forward. One latent row per context, or one row for all (the same image under every context)."""
-        rows = [self.latent_block(x[s].to(self.dtype), t[s], side) for s in range(x.shape[0])]
-        blk = rows[0]
-        S, L = len(prefixes), blk.embeds.shape[0]
-        embeds = torch.stack([r.embeds for r in rows]).expand(S, L, -1)
-        past, first, _ = self._stack_caches(prefixes)
-        # the block sees its whole context: no mask, each branch from its own first key (flash kernels)
-        starts = first if any(first) else None
-        pos = torch.tensor([start for _, start in prefixes], device=self.device)[:, None].expand(S, L)
-        h = self.net.forward_batch(embeds, pos, blk.gen[None].expand(S, L), None, past, key_starts=starts)
+        forward. One latent row per context, or one row for all (the same image under every context). `memo`:
+        kept across calls with the same contexts (a sampler's steps), so their caches are stacked once."""
+        embeds = self._latent_rows(x, t, side)
+        S, L = len(prefixes), embeds.shape[1]
+        embeds = embeds.expand(S, L, -1)
+        memo = {} if memo is None else memo
+        if "past" not in memo:
+            past, first, _ = self._stack_caches(prefixes)
+            memo["past"] = past
+            # the block sees its whole context: no mask, each branch from its own first key (flash kernels)
+            memo["starts"] = first if any(first) else None
+            memo["pos"] = to_device([start for _, start in prefixes], self.device, torch.long)
+        gen = torch.ones(L, dtype=torch.bool)
+        gen[0] = gen[-1] = False  # the block's markers
+        h = self.net.forward_batch(embeds, memo["pos"][:, None].expand(S, L), gen[None].expand(S, L), None,
+                                   memo["past"], key_starts=memo["starts"])
         return self.net.velocity(h[:, 1:-1]).float()
+
+    def _latent_rows(self, x: torch.Tensor, t: torch.Tensor, side: int) -> torch.Tensor:
+        """(R, N + 2, D): `latent_block`'s embeddings of the latents x[r] at times t[r], all rows at once."""
+        g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
+        if g not in self._latent_pos:
+            self._latent_pos[g] = self.net.latent_position_ids(g, g).to(self.device)
+        net = self.net
+        inner = (net.vae2llm(x.to(self.device, net.vae2llm.weight.dtype)) + net.time_embedder(t.reshape(-1))[:, None]
+                 + net.latent_pos_embed(self._latent_pos[g])[None])
+        if self.device not in self._marker_ids:
+            self._marker_ids[self.device] = torch.tensor([self.ids["soi"], self.ids["eoi"]], device=self.device)
+        ends = net.embed_text(self._marker_ids[self.device]).to(inner.dtype)
+        R = inner.shape[0]
+        return torch.cat([ends[:1].expand(R, 1, -1), inner, ends[1:].expand(R, 1, -1)], dim=1)
 
     def generate(self, prompts: list[str], seeds: list[int], cfg_scales: list[float], **sampling: Any) -> list[Image.Image]:
         s = S.FlowSampling.model_validate(sampling)
@@ -506,8 +552,11 @@ class BagelUMM:
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """(B,) mean squared velocity error of each target image given its context, with grad."""
         x0 = self.clean_latents(targets, side, generator).to(self.device)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        t = self._flow_time(len(targets), generator).to(self.device)
+        # with no generator (training) the noise is drawn where it is used; a generator (Diffusion-DPO's shared
+        # noise, tests) draws on the host, the same on every device
+        noise = (torch.randn(x0.shape, device=self.device) if generator is None else
+                 to_device(torch.randn(x0.shape, generator=generator), self.device))
+        t = to_device(self._flow_time(len(targets), generator), self.device)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         blks = [self.latent_block(xt[i].to(self.dtype), t[i], side) for i in range(len(contexts))]
         hs = self._run_packed([ctx + [blk] for ctx, blk in zip(contexts, blks)])
