@@ -136,6 +136,7 @@ class BagelUMM:
         self._preference_calls = 0
         self._latent_pos: dict[int, torch.Tensor] = {}
         self._marker_ids: dict[torch.device, torch.Tensor] = {}
+        self._vit_tokens: dict[tuple, int] = {}
 
     @property
     def settings(self) -> Settings:
@@ -250,7 +251,7 @@ class BagelUMM:
 
     def vit_block(self, image: Image.Image) -> Block:
         pv, pos, _ = self.net.vit_patchify(image.convert("RGB"), self.settings.vit_max_side)
-        return self._markers(self.net.embed_vit(pv.to(self.device), pos.to(self.device)), gen=False)
+        return self._markers(self.net.embed_vit(to_device(pv, self.device), to_device(pos, self.device)), gen=False)
 
     def latent_block(self, packed: torch.Tensor, t: torch.Tensor | float, side: int) -> Block:
         """Packed latents (n, C p p) of a side x side image at flow time t (0: clean)."""
@@ -666,7 +667,10 @@ class BagelUMM:
     def tokens_per_example(self, ex: CPRExample) -> int:
         side = self._train_side()
         n_img = (side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)) ** 2 + 2
-        n_vit = self.net.vit_patchify(Image.new("RGB", (side, side)), self.settings.vit_max_side)[0].shape[0] + 2
+        key = (side, self.settings.vit_max_side)
+        if key not in self._vit_tokens:  # the worker counts every example of every step: patchify a blank once
+            self._vit_tokens[key] = self.net.vit_patchify(Image.new("RGB", (side, side)), key[1])[0].shape[0] + 2
+        n_vit = self._vit_tokens[key]
         text = len(self.encode(ex.input_text or "")) + 2
         if ex.kind == "preference":
             return 2 * (text + n_img)
