@@ -476,12 +476,15 @@ class BagelUMM:
             done = [False] * len(group)
             for _ in range(max_new):
                 logits[:, banned] = float("-inf")
+                # one read-back a step for the whole group (a row's own read would wait on the GPU once per row)
+                greedy = logits.argmax(-1).tolist()
+                host = logits.cpu() if any(r is not None for r in rngs) else None
                 step = []
                 for b, rng in enumerate(rngs):
                     if rng is None:
-                        tok = int(logits[b].argmax())
+                        tok = greedy[b]
                     else:
-                        tok = int(torch.multinomial(torch.softmax(logits[b].cpu() / temperature, -1), 1, generator=rng))
+                        tok = int(torch.multinomial(torch.softmax(host[b] / temperature, -1), 1, generator=rng))
                     if not done[b]:
                         if tok == self.ids["eos"]:
                             done[b] = True
