@@ -19,22 +19,6 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _time(fn, iters: int = 50) -> float:
-    import torch
-
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return sorted(ts)[len(ts) // 2]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=512)
@@ -49,6 +33,7 @@ def main() -> None:
     from model.janus import decode_attn as D
     from model.janus.bench import emit
     from model.janus.rollout import ImageRollout
+    from model.janus.rollout_bench import median_seconds
 
     torch.manual_seed(0)
     R, H, hd, S = a.rows, a.heads, a.head_dim, a.prefix + a.tokens
@@ -79,7 +64,7 @@ def main() -> None:
             for warps in (1, 2, 4):
                 for stages in (1, 2, 3, 4):
                     try:
-                        t = _time(triton(n, fp8, (block_n, warps, stages)), iters=20)
+                        t = median_seconds(triton(n, fp8, (block_n, warps, stages)), iters=20)
                     except Exception as exc:  # a config the compiler refuses (too much shared memory)
                         res["sweep"].append({"fp8": fp8, "config": [block_n, warps, stages], "error": str(exc)[:80]})
                         continue
@@ -100,7 +85,7 @@ def main() -> None:
             fn = triton(n, fp8) if attn == "triton" else (lambda: eng._attend(st, 0, q, None, None, bucket, scale,
                                                                               None))
             o1, o2 = fn(), fn()
-            t = _time(fn)
+            t = median_seconds(fn, iters=50)
             nbytes = 2 * R * H * (n if attn == "triton" else bucket) * (hd * (1 if fp8 else 2) + (4 if fp8 else 0))
             row[name] = {"ms": round(t * 1e3, 4), "GB_per_s": round(nbytes / t / 1e9, 1),
                          "max_err_vs_fp32": round(float((o1.float() - ref.float()).abs().max()), 5),

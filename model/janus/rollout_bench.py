@@ -54,8 +54,8 @@ SWEEP = {  # v2 launch configurations tried by --sweep: (block_n, warps, stages,
 }
 
 
-def _time_cuda(fn, iters: int = 20, warm: int = 3) -> float:
-    """Median seconds of fn() on the GPU (CUDA events)."""
+def median_seconds(fn, iters: int = 20, warm: int = 3) -> float:
+    """Median seconds of fn() on the GPU (CUDA events; on a CPU, wall time)."""
     for _ in range(warm):
         fn()
     ts = []
@@ -131,7 +131,7 @@ def weight_bytes_per_step(umm) -> int:
 def measure_peak() -> dict[str, Any]:
     """Read bandwidth of this GPU: an 8 GiB bf16 tensor summed (a read-only reduction), best of 5."""
     x = torch.ones(4 * 2**30, device="cuda", dtype=torch.bfloat16)
-    t = _time_cuda(lambda: x.sum(dtype=torch.float32), iters=5, warm=2)
+    t = median_seconds(lambda: x.sum(dtype=torch.float32), iters=5, warm=2)
     return {"read_8GiB_bf16_TBps": round(8 * 2**30 / t / 1e12, 3), "reference_TBps": PEAK_REF_TBPS}
 
 
@@ -174,7 +174,7 @@ def sweep(b: Batch, configs: dict, peak: float) -> dict[str, Any]:
 
         def row(name, fn, slots_read, config=None):
             try:
-                t = _time_cuda(fn)
+                t = median_seconds(fn)
             except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses (resources)
                 out["runs"].append({"kernel": name, "fp8": fp8, "config": config, "error": str(exc)[:200]})
                 return

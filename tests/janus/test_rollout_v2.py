@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from interp_checks import case  # the cache layout the interpreter checks use too
+
 from model.janus import decode_attn as D
 from model.janus.rollout import ImageRollout
 
@@ -32,17 +34,6 @@ def _interpreted(check: str) -> None:
     assert "ok" in r.stdout.splitlines()[-1]
 
 
-def _case(dtype, R=6, H=4, KVH=2, S=40, hd=32, L=12, n=29, seed=0):
-    """A cache where rows 1, 2 share row 1's prefix and row 5 row 0's; rows start at different slots. The rows
-    that read another's prefix hold different values in their own prefix slots (which must not be read)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
-    q, k, v, kn, vn = r(R, H, 1, hd), r(R, KVH, S, hd), r(R, KVH, S, hd), r(R, KVH, 1, hd), r(R, KVH, 1, hd)
-    start = torch.tensor([0, 3, 3, 5, 11, 0], dtype=torch.int32)
-    prow = torch.tensor([0, 1, 1, 3, 4, 0], dtype=torch.int32)
-    return q, k, v, start, prow, torch.tensor([L], dtype=torch.int32), torch.tensor([n]), kn, vn
-
-
 def test_v2_kernel_equals_reference_in_interpreter():
     """Every loop (fp32 registers, with and without prefetch; tensor cores), split and not, bf16/fp16/fp32, over a
     bf16 and an fp8 cache, against decode_attention_v2_ref (tests/janus/interp_checks.py `attn`)."""
@@ -51,7 +42,7 @@ def test_v2_kernel_equals_reference_in_interpreter():
 
 def test_v2_reference_is_v1_reference_over_shared_rows():
     """Where every row reads its own prefix and starts at its first unmasked slot, v2's attention is v1's."""
-    q, k, v, start, _, plen, slot, kn, vn = _case(torch.float32)
+    q, k, v, start, _, plen, slot, kn, vn = case(torch.float32)
     own = torch.arange(6, dtype=torch.int32)
     mask = torch.arange(k.shape[2])[None, :] >= start[:, None].long()
     a = D.decode_attention_v2_ref(q, k, v, start, own, plen, slot, 0.3, kn, vn)
