@@ -149,6 +149,18 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def to_device(data: Any, device: Any, dtype: Any = None) -> Any:
+    """A host tensor (or list) on `device` without a stream sync: a copy from pageable memory waits for every
+    kernel queued before it, so the host could never run ahead of the GPU; through pinned memory it is queued like
+    a kernel (the host allocator keeps the pinned block until the copy has run)."""
+    import torch
+
+    t = data if torch.is_tensor(data) else torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 # Models stay resident per process, keyed by checkpoint directory and section: a worker loads a stage's model once
 # per checkpoint and keeps it for every shard it gets. SELFPLAY_RESIDENT_MODELS bounds how many stay (the oldest
 # goes first): a Dask worker keeps one, so a new checkpoint releases the last one's memory.

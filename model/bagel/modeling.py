@@ -36,6 +36,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from model.bagel.config import BagelConfig
+from model.registry import to_device
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -204,16 +205,6 @@ class MLP(Qwen2MLP):
 
 # the understanding rows are "few" below 1 / FEW of a sequence's rows
 FEW = 32
-
-
-def to_device(data, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A host tensor (or list) on `device` without a stream sync: a copy from pageable memory waits for every
-    kernel queued before it, so the host could never run ahead of the GPU; through pinned memory it is queued like
-    a kernel (the host allocator keeps the pinned block until the copy has run)."""
-    t = data if torch.is_tensor(data) else torch.tensor(data, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _Route:

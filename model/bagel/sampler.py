@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, model_validator
 
 from configs.loader import FloatPair, Strict
-from model.bagel.modeling import to_device
+from model.registry import to_device
 
 RenormType = Literal["global", "channel", "text_channel"]
 

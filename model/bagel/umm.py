@@ -38,11 +38,11 @@ from configs.loader import Strict
 from model.bagel import sampler as S
 from model.bagel import vae as V
 from model.bagel.config import BagelConfig
-from model.bagel.modeling import BagelNet, to_device
+from model.bagel.modeling import BagelNet
 from model.ids import checkpoint_id_of_file
 from model import prompts as T
 from model.protocol import ROLES, CPRExample, Judgement, LossTerm
-from model.registry import resolve_dtype
+from model.registry import resolve_dtype, to_device
 
 WEIGHTS = "ema.safetensors"
 AE = "ae.safetensors"

@@ -35,7 +35,7 @@ from configs.loader import Strict
 from model.janus import text as T
 from model.janus.rollout import ImageRollout
 from model.ids import checkpoint_id, checkpoint_id_of_file
-from model.registry import resolve_dtype
+from model.registry import resolve_dtype, to_device
 from model.protocol import ROLES, CPRExample, Judgement, LossTerm, guide, sampling_policy
 
 WEIGHTS = "model.safetensors"
@@ -311,9 +311,7 @@ class JanusUMM:
         x = torch.full((len(ids), max(map(len, ids))), self.ids.pad, dtype=torch.long)
         for r, i in enumerate(ids):
             x[r, :len(i)] = torch.tensor(i)
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        emb = self.net.get_input_embeddings()(x.to(self.device, non_blocking=True))
+        emb = self.net.get_input_embeddings()(to_device(x, self.device))
         return [emb[r, :len(i)] for r, i in enumerate(ids)]
 
     # ------------------------------------------------------------------ image roles
