@@ -624,11 +624,13 @@ class BagelNet(nn.Module):
     def embed_latents(self, packed: torch.Tensor, timestep: torch.Tensor | float,
                       pos_ids: torch.Tensor) -> torch.Tensor:
         """Packed noisy latents (n, latent_channels*p*p) at flow time `timestep` ((n,) or one value; 0 is clean,
-        1 is noise) -> (n, D): vae2llm + time embedding + latent_pos_embed."""
+        1 is noise) -> (n, D): vae2llm + time embedding + latent_pos_embed. Also R blocks at once: (R, n, C) with
+        one time per block ((R,) or one value) -> (R, n, D)."""
         t = torch.as_tensor(timestep, dtype=torch.float32, device=packed.device).reshape(-1)
         x = self.vae2llm(packed.to(self.vae2llm.weight.dtype))
-        # one time for the whole block (the sampler, training): its embedding once, broadcast over the rows
-        return x + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
+        # one time per block (the sampler, training): its embedding once, broadcast over the block's rows
+        te = self.time_embedder(t)
+        return x + (te[:, None] if packed.ndim == 3 else te) + self.latent_pos_embed(pos_ids)
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, D) final hidden states of latent tokens -> (n, latent_channels*p*p), the flow's velocity

@@ -121,6 +121,13 @@ def layout(blocks: list[Block], start: int = 0, with_mask: bool = True):
     return torch.cat([b.embeds for b in blocks]), to_device(pos, dev, torch.long), gen, to_device(mask, dev), p
 
 
+def _marker_flags(n: int, gen: bool) -> torch.Tensor:
+    """(n + 2,) host flags of an image block: its n tokens `gen`, its two markers understanding tokens."""
+    flags = torch.zeros(n + 2, dtype=torch.bool)
+    flags[1:-1] = gen
+    return flags
+
+
 class BagelUMM:
     roles = frozenset(ROLES)
 
@@ -241,13 +248,25 @@ class BagelUMM:
         return Block(self.net.embed_text(t), torch.zeros(len(ids), dtype=torch.bool), False)
 
     def _markers(self, inner: torch.Tensor, gen: bool) -> Block:
+        return Block(self._with_markers(inner), _marker_flags(inner.shape[0], gen), True)
+
+    def _with_markers(self, inner: torch.Tensor) -> torch.Tensor:
+        """An image's embeddings (n, D), or R of them (R, n, D), between its start and end markers."""
         dev = inner.device
         if dev not in self._marker_ids:  # every block asks: the ids go to the device once
             self._marker_ids[dev] = torch.tensor([self.ids["soi"], self.ids["eoi"]], device=dev)
         ends = self.net.embed_text(self._marker_ids[dev])
-        flags = torch.zeros(inner.shape[0] + 2, dtype=torch.bool)
-        flags[1:-1] = gen
-        return Block(torch.cat([ends[:1], inner.to(ends.dtype), ends[1:]]), flags, True)
+        inner = inner.to(ends.dtype)
+        if inner.ndim == 2:
+            return torch.cat([ends[:1], inner, ends[1:]])
+        R = inner.shape[0]
+        return torch.cat([ends[:1].expand(R, 1, -1), inner, ends[1:].expand(R, 1, -1)], dim=1)
+
+    def _latent_pos_ids(self, side: int) -> torch.Tensor:
+        g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
+        if g not in self._latent_pos:  # every sampler step asks again: build and copy it once
+            self._latent_pos[g] = self.net.latent_position_ids(g, g).to(self.device)
+        return self._latent_pos[g]
 
     def vit_block(self, image: Image.Image) -> Block:
         pv, pos, _ = self.net.vit_patchify(image.convert("RGB"), self.settings.vit_max_side)
@@ -255,10 +274,7 @@ class BagelUMM:
 
     def latent_block(self, packed: torch.Tensor, t: torch.Tensor | float, side: int) -> Block:
         """Packed latents (n, C p p) of a side x side image at flow time t (0: clean)."""
-        g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
-        if g not in self._latent_pos:  # every sampler step asks again: build and copy it once
-            self._latent_pos[g] = self.net.latent_position_ids(g, g).to(self.device)
-        return self._markers(self.net.embed_latents(packed.to(self.device), t, self._latent_pos[g]), gen=True)
+        return self._markers(self.net.embed_latents(packed.to(self.device), t, self._latent_pos_ids(side)), gen=True)
 
     def clean_latents(self, images: list[Image.Image], side: int, generator: torch.Generator | None = None):
         """Images resized to side x side -> packed clean latents (B, n, C p p), as BAGEL encodes its inputs.
@@ -387,25 +403,14 @@ class BagelUMM:
             # the block sees its whole context: no mask, each branch from its own first key (flash kernels)
             memo["starts"] = first if any(first) else None
             memo["pos"] = to_device([start for _, start in prefixes], self.device, torch.long)
-        gen = torch.ones(L, dtype=torch.bool)
-        gen[0] = gen[-1] = False  # the block's markers
+        gen = _marker_flags(L - 2, True)
         h = self.net.forward_batch(embeds, memo["pos"][:, None].expand(S, L), gen[None].expand(S, L), None,
                                    memo["past"], key_starts=memo["starts"])
         return self.net.velocity(h[:, 1:-1]).float()
 
     def _latent_rows(self, x: torch.Tensor, t: torch.Tensor, side: int) -> torch.Tensor:
         """(R, N + 2, D): `latent_block`'s embeddings of the latents x[r] at times t[r], all rows at once."""
-        g = side // (self.cfg.vae_downsample * self.cfg.latent_patch_size)
-        if g not in self._latent_pos:
-            self._latent_pos[g] = self.net.latent_position_ids(g, g).to(self.device)
-        net = self.net
-        inner = (net.vae2llm(x.to(self.device, net.vae2llm.weight.dtype)) + net.time_embedder(t.reshape(-1))[:, None]
-                 + net.latent_pos_embed(self._latent_pos[g])[None])
-        if self.device not in self._marker_ids:
-            self._marker_ids[self.device] = torch.tensor([self.ids["soi"], self.ids["eoi"]], device=self.device)
-        ends = net.embed_text(self._marker_ids[self.device]).to(inner.dtype)
-        R = inner.shape[0]
-        return torch.cat([ends[:1].expand(R, 1, -1), inner, ends[1:].expand(R, 1, -1)], dim=1)
+        return self._with_markers(self.net.embed_latents(x.to(self.device), t, self._latent_pos_ids(side)))
 
     def generate(self, prompts: list[str], seeds: list[int], cfg_scales: list[float], **sampling: Any) -> list[Image.Image]:
         s = S.FlowSampling.model_validate(sampling)
