@@ -149,6 +149,19 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def check_settings(settings: dict, schema: Any) -> dict:
+    """A backend's `model.settings` checked against its Settings schema when the recipe loads: a bad value is one
+    line before any stage runs, not an error when the model is loaded mid-run."""
+    from pydantic import ValidationError
+
+    try:
+        schema.model_validate(settings)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+    return settings
+
+
 def to_device(data: Any, device: Any, dtype: Any = None) -> Any:
     """A host tensor (or list) on `device` without a stream sync: a copy from pageable memory waits for every
     kernel queued before it, so the host could never run ahead of the GPU; through pinned memory it is queued like

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from model.registry import Backend, ModelSection, register, save_atomically
+from model.registry import Backend, ModelSection, check_settings, register, save_atomically
 
 
 class BagelSection(ModelSection):
@@ -28,6 +28,13 @@ class BagelSection(ModelSection):
     vae: Literal["tiny", "flux"] = Field("tiny", description="random weights: the autoencoder's shape")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     settings: dict = Field(default_factory=dict, description="how the backend runs (model/bagel/umm.py Settings)")
+
+    @field_validator("settings")
+    @classmethod
+    def _check_settings(cls, v: dict) -> dict:
+        from model.bagel.umm import Settings  # the backend's own schema (imported only for its recipes)
+
+        return check_settings(v, Settings)
 
 
 def _shape(cfg: BagelSection):

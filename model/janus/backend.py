@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from model.registry import Backend, ModelSection, register, save_atomically
+from model.registry import Backend, ModelSection, check_settings, register, save_atomically
 
 WEIGHTS = "model.safetensors"
 
@@ -31,6 +31,13 @@ class JanusSection(ModelSection):
     janus_config: dict = Field(default_factory=dict, description="JanusConfig fields for random weights")
     settings: dict = Field(default_factory=dict, description="how the backend runs: batches, token budgets, "
                            "sampler (model/janus/umm.py Settings); not part of the weights")
+
+    @field_validator("settings")
+    @classmethod
+    def _check_settings(cls, v: dict) -> dict:
+        from model.janus.umm import Settings  # the backend's own schema (imported only for its recipes)
+
+        return check_settings(v, Settings)
 
 
 def _load(cfg: JanusSection, directory: str, device: str):

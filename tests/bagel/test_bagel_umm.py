@@ -320,3 +320,22 @@ def test_training_hooks_count_one_expert_and_set_the_speed_settings(bagel):
         assert bagel.net.language_model.model.layers[0].mlp_moe_gen.fuse
     finally:
         bagel.settings = before
+
+
+@pytest.mark.parametrize("setting, says", [("latent_cache_gib=-1", "greater than or equal to 0"),
+                                           ("compile=maybe", "valid boolean"), ("imgae_batch=4", "Extra inputs")])
+def test_a_bad_backend_setting_is_one_line_before_any_work(tmp_path, setting, says):
+    """`model.settings` is checked against the backend's Settings when the recipe loads: exit 2, one line naming
+    the field, nothing written (not an error once the model loads mid-run)."""
+    from typer.testing import CliRunner
+
+    from configs.schema import PROJECT_ROOT
+    from flows.cli import app
+
+    store = tmp_path / "store"
+    res = CliRunner().invoke(app, ["run", str(PROJECT_ROOT / "configs/cycle/bagel-tiny-random.yaml"),
+                                   f"run.store={store}", f"model.settings.{setting}"])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert f"model.settings: {setting.split('=')[0]}: " in lines[0] and says in lines[0]
+    assert not store.exists() or not any(store.rglob("*"))
