@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -91,7 +92,12 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
     ap.add_argument("--timeout", type=int, default=3000, help="seconds the worker may run")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of the first timed step")
     a = ap.parse_args()
+    if a.profile:
+        from tasks.posttrain_worker import PROFILE_ENV
+
+        os.environ[PROFILE_ENV] = "1"  # the worker inherits the environment
 
     import torch
 
@@ -123,6 +129,9 @@ def main() -> None:
         worker_s = time.perf_counter() - t1
         metrics = json.loads((work / "posttrain" / "final" / "_metrics.json").read_text())
         log = (work / "posttrain" / "worker.log").read_text(errors="replace").splitlines()
+        if a.profile:
+            at = next((i for i, ln in enumerate(log) if "profiled step" in ln), len(log))
+            print("\n".join(log[at:at + 40]), flush=True)
         bench = {"config": a.config, "overrides": a.set, "examples": a.examples, "image_size": size,
                  "prefix_tokens_mean": round(sum(prefix) / len(prefix), 1), "prefix_tokens_max": max(prefix),
                  "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum, "ema_decay": cfg.ema_decay,

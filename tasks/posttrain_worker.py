@@ -37,6 +37,7 @@ PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16, for MFU
 # steps of each process left out of the timed throughput (as the benches leave out theirs): the first ones
 # compile the layers, tens of seconds on a GPU
 WARMUP_STEPS = 2
+PROFILE_ENV = "UMM_POSTTRAIN_PROFILE"  # "1": the first timed step runs under torch.profiler (the benches' --profile)
 EMA_GROUP = 1 << 27  # elements per multi-tensor EMA update: few kernel launches, bounded fp32 copies
 
 
@@ -349,6 +350,21 @@ def train_step(run: Run, step: int) -> tuple[list, float, float]:
     return batch, float(torch.stack(losses).float().mean()), lr
 
 
+def profiled(fn, cuda: bool):
+    """fn() under torch.profiler; its top kernels and its GPU-busy share of the wall time go to the log."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        out = fn()
+    wall = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if cuda else 0.0
+    print(f"[posttrain] profiled step: wall {wall:.3f} s, GPU busy {busy:.3f} s\n{table}", flush=True)
+    return out
+
+
 def train(run: Run) -> dict:
     """Steps from the resumed one to the configured count, a checkpoint every `checkpoint_every`. Returns the
     loop's wall time, its checkpoint time and each step's (seconds, examples, tokens, FLOPs): a step's seconds
@@ -358,7 +374,10 @@ def train(run: Run) -> dict:
     t0, ckpt_s, steps, path = time.perf_counter(), 0.0, [], {}
     for step in range(run.start, cfg.steps):
         ts = time.perf_counter()
-        batch, loss, lr = train_step(run, step)
+        if step == run.start + WARMUP_STEPS and os.environ.get(PROFILE_ENV) == "1" and run.rank == 0:
+            batch, loss, lr = profiled(lambda: train_step(run, step), run.cuda)
+        else:
+            batch, loss, lr = train_step(run, step)
         tokens, flops = batch_work(run.umm, batch, path)  # a DPO pair counts its chosen and its rejected sequence
         if run.rank == 0:
             with open(run.out / "train_log.jsonl", "a") as fh:
@@ -388,7 +407,8 @@ def throughput(done: dict, world: int, cuda: bool) -> dict:
            "tokens_per_s": round(n_tok / s, 1) if s > 0 else None,
            "tokens_per_s_wall": round(all_tok / train_s, 1) if train_s > 0 else None,
            "tokens": all_tok, "flops_per_token": round(all_flops / all_tok, 1) if all_tok else None,
-           "params_on_path": dict(sorted(done["path"].items()))}
+           "params_on_path": dict(sorted(done["path"].items())),
+           "step_times": [round(t[0], 3) for t in steps]}  # a slow step among fast ones: a recompile, a new shape
     if cuda and s > 0:  # MFU against the bf16 peak of every rank's GPU
         out["mfu"] = round(flops / s / (PEAK_BF16_FLOPS * world), 5)
         out["mfu_wall"] = round(all_flops / train_s / (PEAK_BF16_FLOPS * world), 5)

@@ -247,6 +247,15 @@ class _Route:
 # ---------------------------------------------------------------- the MoT LLM
 
 
+def _pieces(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """x[:, :, a:b] for each (a, b) of `ranges` (dim 2), by one `split` where the ranges tile x in order."""
+    tiled = ranges[0][0] == 0 and ranges[-1][1] == x.shape[2] and all(
+        a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    if tiled:
+        return list(x.split([b - a for a, b in ranges], dim=2))
+    return [x[:, :, a:b] for a, b in ranges]
+
+
 def attend(q, k, v, attn_mask=None, segments=None, key_starts=None):
     """SDPA of q (B, H, L, d) over k, v (B, H, P + L, d), the P cached keys first, in one of three forms:
     - `attn_mask` (B, L, P + L) bool, or None: every query sees every key (the flash kernels apply);
@@ -258,13 +267,25 @@ def attend(q, k, v, attn_mask=None, segments=None, key_starts=None):
     """
     if segments is not None:
         P, outs = k.shape[2] - q.shape[2], []
+        # rows and keys are cut with `split` where the pieces tile the tensor: a slice's backward zero-fills and
+        # adds a gradient of the whole tensor per slice, a split's is one concatenation
+        qs = _pieces(q, [(s, e) for s, e, *_ in segments])
+        key_end: dict[int, int] = {}  # each key start (an example packed with others) -> its last segment's end
         for seg in segments:
+            ks = P + seg[3] if len(seg) > 3 else 0
+            key_end[ks] = max(key_end.get(ks, 0), P + seg[1])
+        ranges = sorted(key_end.items())
+        kv = dict(zip((a for a, _ in ranges), zip(_pieces(k, ranges), _pieces(v, ranges))))
+        for seg, qi in zip(segments, qs):
             s, e, causal = seg[:3]
             ks, ke = (P + seg[3] if len(seg) > 3 else 0), P + e
+            kp, vp = kv[ks]
+            if ke - ks < kp.shape[2]:  # an earlier block of its example: a prefix of the example's keys
+                kp, vp = kp[:, :, :ke - ks], vp[:, :, :ke - ks]
             mask = None
             if causal and e - s > 1:  # row i of the block sees keys up to its own absolute position
                 mask = torch.ones((e - s, ke - ks), dtype=torch.bool, device=q.device).tril(diagonal=P + s - ks)
-            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:ke], v[:, :, ks:ke], attn_mask=mask))
+            outs.append(F.scaled_dot_product_attention(qi, kp, vp, attn_mask=mask))
         return torch.cat(outs, dim=2)
     if key_starts is not None:
         return torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, ks:], v[b:b + 1, :, ks:])

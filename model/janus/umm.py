@@ -494,22 +494,30 @@ class JanusUMM:
         return self.net.model.generation_head(self._image_states(prefixes, codes))
 
     def _image_states(self, prefixes: list[torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, N, D) that predict each code (the generation head's input)."""
+        """Final hidden states (B, N, D) that predict each code (the generation head's input).
+
+        Right-padded: row i is [prefix i, the codes' embeddings but the last], then zeros up to the batch's length,
+        at positions 0..T-1. Causal attention keeps the trailing pads invisible to every real token, so no attention
+        mask is needed: a mask would have SDPA leave its flash kernel and transformers build a 4-D mask per forward."""
         B, N = codes.shape
-        L = max(p.shape[0] for p in prefixes)
-        D = prefixes[0].shape[1]
+        lens = [p.shape[0] for p in prefixes]
+        L = max(lens)
+        T = train_length(L + N - 1, self.device)
         img = self._embed_codes(codes[:, :-1])
-        x = torch.zeros(B, L + N - 1, D, device=self.device, dtype=img.dtype)
-        am = torch.ones(B, L + N - 1, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prefixes):
-            x[i, L - p.shape[0]:L] = p.to(img.dtype)
-            am[i, :L - p.shape[0]] = 0
-        x[:, L:] = img
-        padded = any(p.shape[0] != L for p in prefixes)  # from the lengths: reading `am` back would wait for the GPU
-        pos = (am.cumsum(-1) - 1).clamp(min=0)
-        h = self.net.model.language_model(inputs_embeds=x, attention_mask=am if padded else None,
-                                          position_ids=pos, use_cache=False).last_hidden_state
-        return h[:, L - 1:L - 1 + N]
+        D = img.shape[-1]
+        # Flat indices into the (B * T) batch, built on the host: one scatter of every row's tokens, one gather of
+        # the states at l_i - 1 .. l_i + N - 2; one pinned copy, so nothing waits for the GPU.
+        start = torch.arange(B)[:, None] * T
+        ln = torch.tensor(lens)[:, None]
+        pre = (start + torch.arange(L))[torch.arange(L) < ln]  # row-major: the order of the prefixes' cat
+        idx = to_device(torch.cat([pre, (start + ln + torch.arange(N - 1)).reshape(-1),
+                                   (start + ln - 1 + torch.arange(N)).reshape(-1)]), self.device)
+        src = torch.cat([p.to(img.dtype) for p in prefixes] + [img.reshape(-1, D)])
+        x = img.new_zeros(B * T, D).index_copy(0, idx[:src.shape[0]], src).view(B, T, D)
+        pos = torch.arange(T, device=self.device).expand(B, T)
+        h = self.net.model.language_model(inputs_embeds=x, attention_mask=None, position_ids=pos,
+                                          use_cache=False).last_hidden_state
+        return h.reshape(B * T, D).index_select(0, idx[src.shape[0]:]).view(B, N, D)
 
     def image_ce(self, prefixes: list[torch.Tensor], codes: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         """Mean cross-entropy of the codes. chunk > 0: the generation head and an fp32 cross-entropy run per
@@ -553,18 +561,17 @@ class JanusUMM:
         return -F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")
 
     def text_ce(self, prompts: list[list[int]], targets: list[list[int]], images: list[Image.Image]) -> torch.Tensor:
-        """Language-model loss on the answers (each target + EOS) given image + question, right-padded."""
+        """Language-model loss on the answers (each target + EOS) given image + question, right-padded with no
+        attention mask, as `_image_states`."""
         seqs = [p + t + [self.ids.eos] for p, t in zip(prompts, targets)]
-        R, L = len(seqs), max(len(s) for s in seqs)
+        R, L = len(seqs), train_length(max(len(s) for s in seqs), self.device)
         ids = torch.full((R, L), self.ids.pad, dtype=torch.long)
-        am = torch.zeros((R, L), dtype=torch.long)
         lab = torch.full((R, L), -100, dtype=torch.long)
         for i, (s, p) in enumerate(zip(seqs, prompts)):
             ids[i, :len(s)] = torch.tensor(s)
-            am[i, :len(s)] = 1
             lab[i, len(p):len(s)] = torch.tensor(s[len(p):])
-        ids, am, lab = ids.to(self.device), am.to(self.device), lab.to(self.device)
-        out = self.net.model(input_ids=ids, pixel_values=self.pixels(images), attention_mask=am, use_cache=False)
+        ids, lab = to_device(ids, self.device), to_device(lab, self.device)
+        out = self.net.model(input_ids=ids, pixel_values=self.pixels(images), attention_mask=None, use_cache=False)
         h = out.last_hidden_state[:, :-1]
         tgt = lab[:, 1:]
         sel = tgt != -100
@@ -663,6 +670,13 @@ class JanusUMM:
         prefixes = [self._gen_prefix(e.input_text) for e in examples] * 2
         lp = self.image_logprob(prefixes, codes)
         return lp[:B], lp[B:], codes.shape[1]
+
+
+def train_length(n: int, device: torch.device) -> int:
+    """A training batch's padded length for `n` tokens: on a GPU rounded up to a multiple of 16, since each new
+    length compiles the layers and plans cuDNN's attention anew, and a batch's longest prompt varies."""
+    m = 16 if device.type == "cuda" else 1
+    return -(-n // m) * m
 
 
 def compile_layers(layers, on: bool, state: dict[str, Any]) -> None:

@@ -169,6 +169,29 @@ def test_packed_examples_see_only_themselves(bagel):
         torch.testing.assert_close(p, a, rtol=1e-4, atol=1e-5)
 
 
+def test_packed_attention_backward_is_the_masked_attentions(bagel):
+    """Training's packed forward cuts rows and keys into pieces per block and per example: its gradients are the
+    gradients through the packed sequence's full mask."""
+    from model.bagel.umm import segments_of
+
+    im = Image.new("RGB", (128, 128), (10, 200, 40))
+    seqs = [[bagel.text_block("a green square"), bagel.latent_block(torch.randn(64, 64), 0.3, 128)],
+            [bagel.vit_block(im), bagel.text_block("what is it?", True)],
+            [bagel.text_block("two dogs and a long prompt here"), bagel.latent_block(torch.randn(64, 64), 0.9, 128)]]
+    parts, segs, offset = [layout(b) for b in seqs], [], 0
+    for blocks, part in zip(seqs, parts):
+        segs += [(s + offset, e + offset, c, offset) for s, e, c in segments_of(blocks)]
+        offset += part[0].shape[0]
+    emb = torch.cat([p[0] for p in parts]).detach().requires_grad_()
+    pos, gen = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    mask = torch.block_diag(*[p[3] for p in parts])
+    w = torch.randn(emb.shape)
+    grads = [torch.autograd.grad((bagel.net.forward_packed(emb, pos, gen, m, segments=s) * w).sum(), emb)[0]
+             for m, s in ((mask, None), (None, segs))]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4)  # fp32 sums in another order
+    assert grads[0].abs().sum(-1).gt(0).all()  # every row's gradient flows
+
+
 def test_a_checkpoint_named_by_ema_safetensors_is_a_checkpoint(bagel, tmp_path):
     """The official layout names its weights ema.safetensors: the registry, the id and preflight take it."""
     from configs.loader import load_config

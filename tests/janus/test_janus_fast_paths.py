@@ -56,3 +56,28 @@ def test_chunked_image_ce_equals_whole(tiny):
     tiny.net.zero_grad()
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_padding_leaves_each_examples_loss_as_alone(tiny, monkeypatch):
+    """Training batches are right-padded with no attention mask (to a multiple of 16 on a GPU, forced here): an
+    example's loss in a batch of other lengths is its loss alone, for image codes and for text answers."""
+    from PIL import Image
+
+    import model.janus.umm as U
+
+    monkeypatch.setattr(U, "train_length", lambda n, device: -(-n // 16) * 16 + 16)
+    torch.manual_seed(0)
+    prefixes = [tiny._gen_prefix(p).detach() for p in P]
+    assert prefixes[0].shape[0] != prefixes[1].shape[0]
+    codes = torch.randint(0, tiny.net.config.vq_config.num_embeddings, (2, tiny.n_image_tokens))
+    questions = [tiny.und_ids("what is it?", " "), tiny.und_ids("how many red circles are there in the picture?", " ")]
+    answers = [tiny.encode("a red circle and a long answer"), tiny.encode("three")]
+    images = [Image.new("RGB", (64, 64), (200, 10, 10)), Image.new("RGB", (64, 64), (10, 10, 200))]
+    with torch.no_grad():
+        both = tiny.image_ce(prefixes, codes)
+        alone = [tiny.image_ce([p], c[None]) for p, c in zip(prefixes, codes)]
+        assert torch.allclose(both, (alone[0] + alone[1]) / 2, atol=1e-5)
+        both = tiny.text_ce(questions, answers, images)
+        alone = [tiny.text_ce([q], [a], [im]) for q, a, im in zip(questions, answers, images)]
+        n = [len(a) + 1 for a in answers]  # each answer and its EOS
+        assert torch.allclose(both, (alone[0] * n[0] + alone[1] * n[1]) / sum(n), atol=1e-5)
