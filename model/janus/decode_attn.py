@@ -170,8 +170,6 @@ class Config(NamedTuple):
 
 
 LOG2E = 1.4426950408889634
-GMAX = 16  # rows a prefix-group program takes: tl.dot's least M; a prompt's 8 samples fit in one group
-GROUP_BLOCK_N = 64  # prefix slots per block of _prefix_group_kernel
 # (row, head) programs that fill an H200 (132 SMs x a few resident programs each); fewer get split along the sequence
 FILL = 4096
 
@@ -193,10 +191,9 @@ if triton is not None:
     def _decode_v2_kernel(Q, K, V, KS, VS, START, PROW, PLEN, SLOT, KN, VN, O, PM, PL, PACC, qk_scale,
                           sq_r, sq_h, sk_r, sk_h, sk_s, ss_r, ss_h, skn_r, skn_h, svn_r, svn_h, so_r, so_h,
                           GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                          IS_FP8: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr, SHARED: tl.constexpr):
+                          IS_FP8: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr):
         # One function, no nested @triton.jit calls: torch.compile reads the kernel's stores to know what it
-        # mutates (only O, or the split buffers). SHARED = 1: the prefix slots are _prefix_group_kernel's (share 0
-        # of each row's buffers), this kernel reads the row's own slots [plen, slot) into shares 1..SPLITS.
+        # mutates (only O, or the split buffers).
         # grid (rows, splits, heads), rows fastest: rows that share a prefix run side by side, so its second and
         # later reads come from L2
         r = tl.program_id(0)
@@ -212,8 +209,6 @@ if triton is not None:
         n_valid = tl.load(SLOT).to(tl.int32)  # cached slots [0, slot); this row attends [start, slot)
         st = tl.load(START + r)
         plen = tl.load(PLEN)  # slots [0, plen) are the prefix, read from row PROW[r]
-        if SHARED:
-            st = tl.maximum(st, plen)
         if SPLITS == 1:
             lo = st
             hi = n_valid
@@ -279,7 +274,7 @@ if triton is not None:
             m_i = m_new
         if DOT:
             acc = tl.sum(acc16, 0)
-        if SPLITS + SHARED == 1:  # the step's own key and value, then the output
+        if SPLITS == 1:  # the step's own key and value, then the output
             kn = tl.load(KN + r * skn_r + kvh * skn_h + d).to(tl.float32)
             vn = tl.load(VN + r * svn_r + kvh * svn_h + d).to(tl.float32)
             s_n = tl.sum(kn * q, 0)
@@ -290,60 +285,10 @@ if triton is not None:
             acc = acc * alpha + p_n * vn
             tl.store(O + r.to(tl.int64) * so_r + h * so_h + d, (acc / l_i).to(O.dtype.element_ty))
         else:  # this share's softmax state, for _combine_kernel
-            pid = (r.to(tl.int64) * tl.num_programs(2) + h) * (SPLITS + SHARED) + SHARED + j
+            pid = (r.to(tl.int64) * tl.num_programs(2) + h) * SPLITS + j
             tl.store(PM + pid, m_i)
             tl.store(PL + pid, l_i)
             tl.store(PACC + pid * HD + d, acc)
-
-    @triton.jit
-    def _prefix_group_kernel(Q, K, V, KS, VS, GROWS, GLEAD, GSTART, PLEN, PM, PL, PACC, qk_scale,
-                             sq_r, sq_h, sk_r, sk_h, sk_s, ss_r, ss_h,
-                             GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr, SHARES: tl.constexpr,
-                             GMAX: tl.constexpr, IS_FP8: tl.constexpr):
-        # grid (groups, heads): the up-to-GMAX rows of a group share one prefix (slots [start, plen) of row
-        # GLEAD[g]); their queries are one tile, so each prefix block is loaded once for the group instead of once
-        # per row. Writes share 0 of each row's softmax state for _combine_kernel; a group slot with no rows
-        # (GSTART = plen) reads nothing.
-        g = tl.program_id(0)
-        h = tl.program_id(1)
-        kvh = h // GROUP
-        d = tl.arange(0, HD)
-        ar = tl.arange(0, BLOCK_N)
-        scale = tl.max(tl.full([16], 1.0, tl.float32) * qk_scale, 0).to(tl.float32)
-        rows = tl.load(GROWS + g * GMAX + tl.arange(0, GMAX))
-        valid = rows >= 0
-        rr = tl.where(valid, rows, 0).to(tl.int64)
-        q = tl.load(Q + rr[:, None] * sq_r + h * sq_h + d[None, :], mask=valid[:, None], other=0.0)
-        lead = tl.load(GLEAD + g).to(tl.int64)
-        lo = tl.load(GSTART + g)
-        hi = tl.load(PLEN)
-        kb = lead * sk_r + kvh * sk_h
-        sb = lead * ss_r + kvh * ss_h
-        m_i = tl.full([GMAX], -1.0e30, tl.float32)
-        l_i = tl.zeros([GMAX], tl.float32)
-        acc = tl.zeros([GMAX, HD], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            n = start + ar
-            inb = n < hi
-            k = tl.load(K + kb + n[:, None] * sk_s + d[None, :], mask=inb[:, None], other=0.0)
-            v = tl.load(V + kb + n[:, None] * sk_s + d[None, :], mask=inb[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
-            if IS_FP8:
-                s = s * tl.load(KS + sb + n, mask=inb, other=0.0)[None, :]
-            s = tl.where(inb[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IS_FP8:
-                p = p * tl.load(VS + sb + n, mask=inb, other=0.0)[None, :]
-            # p rounded to q's dtype for p @ V, as in flash attention
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-            m_i = m_new
-        pid = (rr * tl.num_programs(1) + h) * SHARES
-        tl.store(PM + pid, m_i, mask=valid)
-        tl.store(PL + pid, l_i, mask=valid)
-        tl.store(PACC + pid[:, None] * HD + d[None, :], acc, mask=valid[:, None])
 
     @triton.jit
     def _combine_kernel(Q, KN, VN, PM, PL, PACC, O, qk_scale, sq_r, sq_h, skn_r, skn_h, svn_r, svn_h, so_r, so_h,
@@ -376,15 +321,12 @@ if triton is not None:
 def decode_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, prow: torch.Tensor,
                         plen: torch.Tensor, slot: torch.Tensor, scale: float, k_new: torch.Tensor,
                         v_new: torch.Tensor, k_scale: torch.Tensor | None = None,
-                        v_scale: torch.Tensor | None = None, config: Config | None = None,
-                        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        v_scale: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """Attention of one query per row over cached slots [start[r], slot) and the step's own key and value; slots
     below plen come from row prow[r] of the cache (its prefix), the rest from row r.
 
     q (R, H, 1, hd); k, v (R, KVH, S_max, hd) in q's dtype, or fp8 with k_scale/v_scale (R, KVH, S_max);
     start, prow (R,) int32; plen, slot (1,) on the device; k_new, v_new (R, KVH, 1, hd) in q's dtype.
-    `groups` (`prefix_groups`): the prefix slots are read once per group of rows sharing them, by a kernel whose
-    query tile is the group's rows; the rest per row as without.
     """
     R, H, _, hd = q.shape
     KVH = k.shape[1]
@@ -394,12 +336,10 @@ def decode_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     c = config or default_config(R * H, fp8)
     o = torch.empty_like(q)
     ks, vs = (k_scale, v_scale) if fp8 else (q, q)  # unused pointers when not fp8
-    shared = int(groups is not None)
-    shares = c.splits + shared
-    if shares > 1:
-        pm = torch.empty(R, H, shares, device=q.device, dtype=torch.float32)
-        pl = torch.empty(R, H, shares, device=q.device, dtype=torch.float32)
-        pacc = torch.empty(R, H, shares, hd, device=q.device, dtype=torch.float32)
+    if c.splits > 1:
+        pm = torch.empty(R, H, c.splits, device=q.device, dtype=torch.float32)
+        pl = torch.empty(R, H, c.splits, device=q.device, dtype=torch.float32)
+        pacc = torch.empty(R, H, c.splits, hd, device=q.device, dtype=torch.float32)
     else:  # not written: distinct dummies, so no argument aliases another
         pm = torch.empty(1, device=q.device, dtype=torch.float32)
         pl = torch.empty(1, device=q.device, dtype=torch.float32)
@@ -412,40 +352,12 @@ def decode_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     _decode_v2_kernel[(R, c.splits, H)](q, k, v, ks, vs, start, prow, plen, slot, k_new, v_new, o, pm, pl, pacc,
                                         qk_scale, *strides, GROUP=H // KVH, HD=hd, BLOCK_N=c.block_n,
                                         SPLITS=c.splits, IS_FP8=fp8, DOT=bool(c.dot), PREFETCH=bool(c.prefetch),
-                                        SHARED=shared, num_warps=c.warps, **extra)
-    if shared:
-        grows, glead, gstart = groups
-        _prefix_group_kernel[(grows.shape[0], H)](q, k, v, ks, vs, grows, glead, gstart, plen, pm, pl, pacc,
-                                                  qk_scale, *strides[:7], GROUP=H // KVH, HD=hd,
-                                                  BLOCK_N=GROUP_BLOCK_N, SHARES=shares, GMAX=grows.shape[1],
-                                                  IS_FP8=fp8, num_warps=4)
-    if shares > 1:
+                                        num_warps=c.warps, **extra)
+    if c.splits > 1:
         _combine_kernel[(R, H)](q, k_new, v_new, pm, pl, pacc, o, qk_scale, q.stride(0), q.stride(1),
                                 k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), o.stride(0),
-                                o.stride(1), GROUP=H // KVH, HD=hd, SPLITS=shares, num_warps=1)
+                                o.stride(1), GROUP=H // KVH, HD=hd, SPLITS=c.splits, num_warps=1)
     return o
-
-
-def prefix_groups(prow: list[int], start: list[int], plen: int, gmax: int = GMAX) -> tuple[torch.Tensor, ...]:
-    """The row groups of `decode_attention_v2(groups=...)` from each row's prefix row: (rows (R, gmax) int32, -1
-    where a group has fewer; lead (R,) int32, the row holding the group's prefix; start (R,) int32, its first
-    slot, plen for an unused group). R groups at most (every row alone), so one launch shape serves every batch
-    of R rows (CUDA graphs); the unused groups read nothing."""
-    R = len(prow)
-    by: dict[int, list[int]] = {}
-    for r, p in enumerate(prow):
-        by.setdefault(p, []).append(r)
-    rows = torch.full((R, gmax), -1, dtype=torch.int32)
-    lead = torch.zeros(R, dtype=torch.int32)
-    first = torch.full((R,), plen, dtype=torch.int32)
-    g = 0
-    for p, members in by.items():
-        for i in range(0, len(members), gmax):
-            part = members[i:i + gmax]
-            rows[g, :len(part)] = torch.tensor(part, dtype=torch.int32)
-            lead[g], first[g] = p, start[p]
-            g += 1
-    return rows, lead, first
 
 
 def decode_attention_v2_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,

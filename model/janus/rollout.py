@@ -106,7 +106,6 @@ class _State:
     start: torch.Tensor | None = None  # v2: (R,) int32 first slot a row attends (its left padding is skipped)
     prow: torch.Tensor | None = None  # v2: (R,) int32 the row whose cache holds this row's prefix
     plen: torch.Tensor | None = None  # v2: (1,) int32 prefix slots
-    groups: tuple | None = None  # v2, group_prefix: decode_attn.prefix_groups' (rows, lead, start) on the device
     w_qkv: list | None = None  # v2: per layer, q/k/v (and gate/up) weights and biases concatenated
     b_qkv: list | None = None
     w_gu: list | None = None
@@ -120,8 +119,7 @@ class ImageRollout:
 
     def __init__(self, net, n_tokens: int | None = None, bucket: int = 64, use_graphs: bool | None = None,
                  attn: str | None = None, kv_cache: str | None = None, compile: bool | None = None,
-                 impl: str | None = None, config: decode_attn.Config | None = None, share_prefix: bool = True,
-                 group_prefix: bool | None = None):
+                 impl: str | None = None, config: decode_attn.Config | None = None, share_prefix: bool = True):
         import os
 
         self.net = net
@@ -139,10 +137,6 @@ class ImageRollout:
         self.impl = impl or os.environ.get("JANUS_ROLLOUT_IMPL", "v2")
         self.config = config
         self.share_prefix = share_prefix
-        # v2 with a Triton kernel: a shared prefix read once per group of rows (decode_attn.prefix_groups) instead
-        # of once per row from L2 (JANUS_ROLLOUT_GROUP=1: on)
-        self.group_prefix = os.environ.get("JANUS_ROLLOUT_GROUP", "0") == "1" if group_prefix is None \
-            else group_prefix
         self.captured_logits: torch.Tensor | None = None
         if self.attn not in ("auto", "triton", "matmul", "sdpa") or self.kv_cache not in ("model", "fp8") \
                 or self.impl not in ("v1", "v2"):
@@ -312,7 +306,7 @@ class ImageRollout:
         R = x.shape[0]
         nq, nkv = self.H * self.hd, self.KVH * self.hd
         attend = decode_attn.decode_attention_v2 if st.attn == "triton" else decode_attn.decode_attention_v2_ref
-        kw = {"config": self.config, "groups": st.groups} if st.attn == "triton" else {}
+        kw = {"config": self.config} if st.attn == "triton" else {}
         forms = []
         h = x
         for i, layer in enumerate(self.lm.layers):
@@ -428,9 +422,6 @@ class ImageRollout:
         if self.impl == "v2":
             st.start, st.prow = z(R, dtype=torch.int32), z(R, dtype=torch.int32)
             st.plen = z(1, dtype=torch.int32)
-            if self.group_prefix and self.share_prefix and st.attn == "triton":
-                st.groups = (z(R, decode_attn.GMAX, dtype=torch.int32), z(R, dtype=torch.int32),
-                             z(R, dtype=torch.int32))
             st.w_qkv, st.b_qkv, st.w_gu, st.b_gu = [], [], [], []
             for layer in self.lm.layers:
                 a, m = layer.self_attn, layer.mlp
@@ -509,7 +500,7 @@ class ImageRollout:
         self._greedy = temperature <= 0
         graphs = self.use_graphs if self.use_graphs is not None else dev.type == "cuda"
         graphs = graphs and sampler == "hash"
-        key = (R, B, L, str(dev), dtype, self.attn, self.kv_cache, self.impl, self.group_prefix)
+        key = (R, B, L, str(dev), dtype, self.attn, self.kv_cache, self.impl)
         st = self._state
         if st is None or st.key != key:
             self._state = None
@@ -528,9 +519,6 @@ class ImageRollout:
             st.prow.copy_(lead)
             st.start.copy_(L - keym.sum(-1))
             st.plen.fill_(L)
-            if st.groups is not None:
-                for dst, src in zip(st.groups, decode_attn.prefix_groups(lead.tolist(), st.start.tolist(), L)):
-                    dst.copy_(src)
             self._refresh_weights(st)
         # reset the counters and masks
         st.mask.zero_()

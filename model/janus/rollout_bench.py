@@ -11,8 +11,7 @@ the next stage runs) and the JSON rewritten after each stage (a run cut short ke
 - `sweep`: decode attention alone on one layer's cache at the batch's real shape (its left padding and shared
   prefixes) at the mean cache length: v1's kernel and v2's launch configurations, bf16 and fp8; the fastest v2
   configuration of each format is what the v2 engines use (unless --no-tune);
-- `engines`: each engine (v1: today's step, bf16 cache; v2; v2-fp8; `-group`: v2 reading each shared prefix once
-  per group of rows, `ImageRollout(group_prefix=True)`) timed on every prompt x sample after a first
+- `engines`: each engine (v1: today's step, bf16 cache; v2; v2-fp8) timed on every prompt x sample after a first
   call that compiles and captures (the same tokens on both calls: `same_seed_same_tokens`); achieved cache-read
   bandwidth = KV bytes per step / step time; then teacher-forced over the first engine's tokens (`--fidelity N`:
   the first N samples' guided next-token logits at every step; for the others KL(first || this) and top-1
@@ -297,10 +296,9 @@ class Bench:
 def run_engine(bn: Bench, umm, b: Batch, name: str, config, ref: dict, peak: float) -> None:
     """Time one engine, then teacher-force it over the reference tokens; results under res['engines'][name]."""
     a = bn.a
-    parts = name.split("-")
-    impl, fp8 = parts[0], "fp8" in parts
+    impl, fp8 = name.split("-")[0], name.endswith("fp8")
     eng = ImageRollout(umm.net, impl=impl, kv_cache="fp8" if fp8 else "model", config=config if impl == "v2"
-                       else None, group_prefix="group" in parts)
+                       else None)
     umm._engine = eng
     umm.settings = umm.settings.model_copy(update={"image_batch": b.batch})
     r: dict[str, Any] = {"impl": impl, "kv_cache": eng.kv_cache, "config": list(config) if config and impl == "v2"
@@ -397,8 +395,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--cfg-scale", type=float, default=5.0)
-    ap.add_argument("--engines", default=None, help="comma-separated: v1, v2, v1-fp8, v2-fp8, v2-group, "
-                                                    "v2-fp8-group (the first is the "
+    ap.add_argument("--engines", default=None, help="comma-separated: v1, v2, v1-fp8, v2-fp8 (the first is the "
                                                     "reference of the token match and the fidelity)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-tune", action="store_true", help="v2 engines use decode_attn.default_config")
@@ -455,7 +452,7 @@ def main(argv=None) -> dict:
                 best = {fmt: D.Config(*r["config"]) for fmt, r in sw["best"].items()}
     ref: dict = {}
     for i, name in enumerate(a.engines.split(",")):
-        cfg = best.get("fp8" if "fp8" in name.split("-") else "bf16")
+        cfg = best.get("fp8" if name.endswith("fp8") else "bf16")
         bn.stage(f"engine {name}", lambda name=name, cfg=cfg: run_engine(bn, umm, b, name, cfg, ref, peak))
         if i == 0 and a.calibrate and "logits" in ref:
             bn.stage("calibrate", lambda: calibrate(bn, umm, b, ref))

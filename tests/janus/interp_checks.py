@@ -60,35 +60,6 @@ def check_attn() -> None:
             err8 = float((got8 - ref8).abs().max())
             assert err8 <= tol, (tuple(config), dt, "fp8", err8)
             print(tuple(config), dt, "max error", err, "fp8", err8, flush=True)
-    # the prefix read once per group of rows sharing it (the interpreter's dot wants fp16 / fp32)
-    for config, _ in configs:
-        for dt in (torch.float16, torch.float32):
-            q, k, v, start, prow, plen, slot, kn, vn = case(dt)
-            groups = D.prefix_groups(prow.tolist(), start.tolist(), int(plen))
-            assert int((groups[0] >= 0).any(1).sum()) == 4  # rows {0, 5}, {1, 2}, {3}, {4}
-            tol = 1e-5 if dt == torch.float32 else 2e-2
-            ref = D.decode_attention_v2_ref(q, k, v, start, prow, plen, slot, 0.3, kn, vn).float()
-            got = D.decode_attention_v2(q, k, v, start, prow, plen, slot, 0.3, kn, vn, config=config,
-                                        groups=groups).float()
-            err = float((got - ref).abs().max())
-            assert err <= tol, (tuple(config), dt, "groups", err)
-            (kq, ks), (vq, vs) = D.quantize_fp8(k), D.quantize_fp8(v)
-            ref8 = D.decode_attention_v2_ref(q, kq, vq, start, prow, plen, slot, 0.3, kn, vn, ks, vs).float()
-            got8 = D.decode_attention_v2(q, kq, vq, start, prow, plen, slot, 0.3, kn, vn, ks, vs, config=config,
-                                         groups=groups).float()
-            err8 = float((got8 - ref8).abs().max())
-            assert err8 <= tol, (tuple(config), dt, "groups fp8", err8)
-            print(tuple(config), dt, "groups: max error", err, "fp8", err8, flush=True)
-    # a prefix of several blocks
-    D.GROUP_BLOCK_N, block = 16, D.GROUP_BLOCK_N
-    try:
-        q, k, v, start, prow, plen, slot, kn, vn = case(torch.float32, S=80, L=40, n=70)
-        ref = D.decode_attention_v2_ref(q, k, v, start, prow, plen, slot, 0.3, kn, vn)
-        got = D.decode_attention_v2(q, k, v, start, prow, plen, slot, 0.3, kn, vn, config=configs[3][0],
-                                    groups=D.prefix_groups(prow.tolist(), start.tolist(), int(plen)))
-        assert float((got - ref).abs().max()) <= 1e-5, float((got - ref).abs().max())
-    finally:
-        D.GROUP_BLOCK_N = block
     # the case is sensitive to where the prefix is read from and where a row starts
     q, k, v, start, prow, plen, slot, kn, vn = case(torch.float32)
     got = D.decode_attention_v2(q, k, v, start, prow, plen, slot, 0.3, kn, vn, config=configs[0][0])
