@@ -351,7 +351,8 @@ def train_step(run: Run, step: int) -> tuple[list, float, float]:
 
 
 def profiled(fn, cuda: bool):
-    """fn() under torch.profiler; its top kernels and its GPU-busy share of the wall time go to the log."""
+    """fn() under torch.profiler; its wall time and top kernels (the table ends with the GPU's total) go to the
+    log."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -360,8 +361,7 @@ def profiled(fn, cuda: bool):
         out = fn()
     wall = time.perf_counter() - t0
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
-    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if cuda else 0.0
-    print(f"[posttrain] profiled step: wall {wall:.3f} s, GPU busy {busy:.3f} s\n{table}", flush=True)
+    print(f"[posttrain] profiled step: wall {wall:.3f} s (the profiler's own cost included)\n{table}", flush=True)
     return out
 
 
@@ -372,9 +372,10 @@ def train(run: Run) -> dict:
     GPU work is done)."""
     cfg = run.cfg
     t0, ckpt_s, steps, path = time.perf_counter(), 0.0, [], {}
+    profile_at = run.start + WARMUP_STEPS if os.environ.get(PROFILE_ENV) == "1" else -1
     for step in range(run.start, cfg.steps):
         ts = time.perf_counter()
-        if step == run.start + WARMUP_STEPS and os.environ.get(PROFILE_ENV) == "1" and run.rank == 0:
+        if step == profile_at and run.rank == 0:
             batch, loss, lr = profiled(lambda: train_step(run, step), run.cuda)
         else:
             batch, loss, lr = train_step(run, step)
@@ -389,14 +390,15 @@ def train(run: Run) -> dict:
             ckpt_s += time.perf_counter() - tc
     if run.cuda:
         torch.cuda.synchronize()
-    return {"train_s": time.perf_counter() - t0, "checkpoint_s": ckpt_s, "steps": steps, "path": path}
+    return {"train_s": time.perf_counter() - t0, "checkpoint_s": ckpt_s, "steps": steps, "path": path,
+            "untimed": WARMUP_STEPS + int(profile_at >= 0)}  # the profiled step is not timed either
 
 
 def throughput(done: dict, world: int, cuda: bool) -> dict:
-    """Tokens/s and MFU of the timed steps (all but each process's first WARMUP_STEPS, when there are more),
-    and of the whole loop (`_wall`: compiling and checkpoint saves included)."""
-    steps, train_s = done["steps"], done["train_s"]
-    timed = steps[WARMUP_STEPS:] if len(steps) > WARMUP_STEPS else steps
+    """Tokens/s and MFU of the timed steps (all but each process's first WARMUP_STEPS and a profiled one, when
+    there are more), and of the whole loop (`_wall`: compiling and checkpoint saves included)."""
+    steps, train_s, untimed = done["steps"], done["train_s"], done.get("untimed", WARMUP_STEPS)
+    timed = steps[untimed:] if len(steps) > untimed else steps
     s = sum(t[0] for t in timed)
     n_ex, n_tok, flops = (sum(t[i] for t in timed) for i in (1, 2, 3))
     all_tok, all_flops = sum(t[2] for t in steps), sum(t[3] for t in steps)

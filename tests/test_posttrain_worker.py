@@ -52,6 +52,9 @@ def test_throughput_leaves_the_warmup_steps_out_and_says_what_the_wall_gives():
     assert W.throughput(done, world=2, cuda=True)["mfu"] == pytest.approx(t["mfu"] / 2, abs=1e-5)
     short = W.throughput({**done, "steps": [slow, fast]}, world=1, cuda=False)  # too few steps: all are timed
     assert short["timed_steps"] == 2 and short["step_s"] == 5.0 and "mfu" not in short
+    assert t["step_times"] == [9.0, 9.0, 1.0, 1.0]  # every step, to spot a recompile among them
+    profiled = W.throughput({**done, "steps": [slow, slow, slow, fast, fast], "untimed": 3}, world=1, cuda=True)
+    assert profiled["timed_steps"] == 2 and profiled["step_s"] == 1.0  # the profiled step is not timed
 
 
 def test_compile_and_loss_chunk_stay_out_of_the_stages_fingerprint(tmp_path):
