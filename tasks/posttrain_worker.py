@@ -1,9 +1,9 @@
 """The DeepSpeed training process of `tasks/posttrain`, started by torchrun (one process per rank).
 
 It runs outside Prefect on purpose: a task timeout cannot interrupt CUDA or NCCL calls, a subprocess can be
-killed. Checkpoints are safetensors + JSON only (module weights, EMA, each rank's ZeRO partition of fp32
-master weights and Adam moments), so a killed run resumes from its last checkpoint without unpickling
-anything, and ends at the configured step count.
+killed. Checkpoints are safetensors + JSON only (module weights, and each rank's ZeRO partition of fp32
+master weights and Adam moments and its share of the EMA), so a killed run resumes from its last checkpoint
+without unpickling anything, and ends at the configured step count.
 
     python -m torch.distributed.run --nproc_per_node N -m tasks.posttrain_worker JOB.json
 """
@@ -155,6 +155,46 @@ def ema_update(ema: dict[str, torch.Tensor], current: dict[str, torch.Tensor], d
             keys, size = [], 0
 
 
+def ema_shard(net: torch.nn.Module, rank: int, world: int) -> list[str]:
+    """The trained tensors whose EMA this rank keeps, by state-dict name: contiguous runs of the state dict's
+    order, about 1/world of the trained elements each. Under ZeRO 0-2 every rank holds all the current weights,
+    so each can average its own share; a full fp32 EMA on every rank would cost 4 bytes a parameter per GPU (58 GB
+    for BAGEL's 14.6 B). Frozen tensors and buffers stay out: their average is themselves."""
+    trained = [(n, p.numel()) for n, p in net.named_parameters(remove_duplicate=False) if p.requires_grad]
+    total = sum(n for _, n in trained)
+    keys, offset = [], 0
+    for name, n in trained:
+        if offset * world // max(total, 1) == rank:  # the share in which the tensor starts
+            keys.append(name)
+        offset += n
+    return keys
+
+
+def gather_ema(run: Run) -> dict[str, torch.Tensor] | None:
+    """The whole EMA on rank 0 (on the CPU; None on the other ranks): each share sent by its rank, in the state
+    dict's order. Every rank calls it."""
+    import torch.distributed as dist
+
+    if run.ema is None:
+        return None
+    if run.world == 1:
+        return {k: v.cpu() for k, v in run.ema.items()}
+    params = dict(run.engine.module.net.named_parameters(remove_duplicate=False))
+    full = {}
+    for owner in range(run.world):
+        names = run.ema if owner == run.rank else ema_shard(run.engine.module.net, owner, run.world)
+        for k in names:
+            if run.rank == owner == 0:
+                full[k] = run.ema[k].cpu()
+            elif run.rank == owner:
+                dist.send(run.ema[k].contiguous(), dst=0)
+            elif run.rank == 0:
+                buf = torch.empty(params[k].shape, dtype=torch.float32, device=run.device)
+                dist.recv(buf, src=owner)
+                full[k] = buf.cpu()
+    return full if run.rank == 0 else None
+
+
 # --- checkpoints: safetensors + JSON ------------------------------------------------------------------
 def _zero_state(engine) -> dict[str, torch.Tensor]:
     zo = engine.optimizer
@@ -185,11 +225,11 @@ def save_checkpoint(engine, ema, step: int, ckpt_root: Path, rank: int, world: i
     d = ckpt_root / f"step-{step:06d}"
     d.mkdir(parents=True, exist_ok=True)
     save_file(_zero_state(engine), str(d / f"optim-rank{rank}.safetensors"))
+    if ema is not None:  # this rank's share
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(d / f"ema-rank{rank}.safetensors"))
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.net.state_dict().items()},
                   str(d / "model.safetensors"))
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(d / "ema.safetensors"))
     dist.barrier()
     if rank == 0:  # state.json last: a checkpoint without it is incomplete and ignored
         tmp = d / "state.json.tmp"
@@ -309,10 +349,11 @@ def setup(job: dict) -> Run:
 def resume(run: Run) -> None:
     """The EMA, and the last complete checkpoint of this world size if there is one."""
     if run.cfg.ema_decay > 0:
-        # floating-point weights only: an integer buffer (the codebook's index tables) averaged in float
-        # and cast back comes out truncated, which wrecked every EMA export
-        run.ema = {k: v.detach().float().clone() for k, v in run.engine.module.net.state_dict().items()
-                   if v.is_floating_point()}
+        # trained weights only (an integer buffer, the codebook's index tables, averaged in float and cast back
+        # came out truncated and wrecked every EMA export), this rank's share of them
+        current = run.engine.module.net.state_dict()
+        run.ema = {k: current[k].detach().float().clone()
+                   for k in ema_shard(run.engine.module.net, run.rank, run.world)}
     found = latest_checkpoint(run.out / "ckpt", run.world)
     if found is not None:
         d, run.extra = found
@@ -321,7 +362,9 @@ def resume(run: Run) -> None:
                                                for k, v in load_file(str(d / "model.safetensors")).items()})
         _load_zero_state(run.engine, load_file(str(d / f"optim-rank{run.rank}.safetensors")))
         if run.ema is not None:
-            run.ema = {k: v.to(run.device) for k, v in load_file(str(d / "ema.safetensors")).items()}
+            shard = d / f"ema-rank{run.rank}.safetensors"
+            saved = load_file(str(shard if shard.exists() else d / "ema.safetensors"))  # before: one whole file
+            run.ema = {k: saved[k].to(run.device) for k in run.ema}
         if run.rank == 0:
             print(f"[posttrain] resumed from {d.name} (step {run.start} of {run.cfg.steps})", flush=True)
     if "heldout_before" not in run.extra:
@@ -417,10 +460,11 @@ def throughput(done: dict, world: int, cuda: bool) -> dict:
     return out
 
 
-def save(run: Run, done: dict) -> None:
-    """Rank 0 exports the model (EMA or raw) with its metrics and their checksums to `final/`, atomically."""
+def save(run: Run, done: dict, ema: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0 exports the model (the gathered EMA, or raw) with its metrics and their checksums to `final/`,
+    atomically."""
     cfg, umm, train_s = run.cfg, run.umm, done["train_s"]
-    weights = run.ema if (run.ema is not None and cfg.export == "ema") else None
+    weights = ema if cfg.export == "ema" else None
     if weights is not None:
         current = umm.net.state_dict()  # buffers the EMA does not hold stay as they are
         umm.net.load_state_dict({**current, **{k: v.to(current[k].dtype) for k, v in weights.items()}})
@@ -457,8 +501,9 @@ def main(job_path: str) -> None:
     run = setup(json.loads(Path(job_path).read_text()))
     resume(run)
     done = train(run)
+    ema = gather_ema(run)
     if run.rank == 0:
-        save(run, done)
+        save(run, done, ema)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -3,6 +3,7 @@ held-out loss per kind, and resume after a kill."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,3 +197,39 @@ def test_the_oracle_never_weights_training_data(generated):
     with pytest.raises(ValueError, match="the oracle only measures"):
         reconstruct.run(inputs, cfg.reconstruct, ctx)
     assert sorted(p.name for p in Path(store, "learn").iterdir()) == before, "nothing half-written"
+
+
+def test_two_ranks_keep_a_share_of_the_ema_each_resume_it_and_export_it_whole(generated):
+    """posttrain.nproc 2 (two gloo ranks on the CPU): each rank averages and checkpoints only its share of the
+    trained tensors; the export gathers every share, and a run resumed from those shares ends where the
+    uninterrupted one did."""
+    from safetensors.torch import load_file
+
+    store, cfg, ctx, refs = generated
+    kw = dict(steps=8, micro_batch=8, checkpoint_every=4, seed=3, nproc=2, ema_decay=0.9)
+    inputs = {k: refs[k] for k in ("cpr", "dpo_pairs", "groups")}  # as `train` passes them
+    dirs = {}
+    for export in ("ema", "raw"):
+        out = train(refs, _posttrain_cfg(export=export, **kw), ctx)
+        assert out["metrics"]["world_size"] == 2
+        dirs[export] = posttrain.work_dir(posttrain.plan_of(inputs, _posttrain_cfg(export=export, **kw), ctx), ctx)
+    step4 = {e: d / "ckpt" / "step-000004" for e, d in dirs.items()}
+    shares = [load_file(str(step4["ema"] / f"ema-rank{r}.safetensors")) for r in (0, 1)]
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    raw4 = load_file(str(step4["ema"] / "model.safetensors"))
+    trained = set(shares[0]) | set(shares[1])
+    assert trained == {k for k, v in raw4.items() if v.is_floating_point()}  # the embedded model trains them all
+    # both runs trained alike (only their export differs), so each exported tensor must be an average, not the
+    # raw weights a missing share would leave in its place
+    assert all(torch.equal(raw4[k], v) for k, v in load_file(str(step4["raw"] / "model.safetensors")).items())
+    ema_final = load_file(str(dirs["ema"] / "final" / "model.safetensors"))
+    raw_final = load_file(str(dirs["raw"] / "final" / "model.safetensors"))
+    changed = [k for k in trained if not torch.equal(raw_final[k], raw4[k])]
+    assert len(changed) == len(trained)
+    assert all(not torch.equal(ema_final[k], raw_final[k]) for k in trained)
+    # resumed from step 4's shares, the same run ends with the same EMA
+    shutil.rmtree(dirs["ema"] / "final")
+    posttrain.launch(json.loads((dirs["ema"] / "job.json").read_text()), dirs["ema"], 2, 600, lambda _: None)
+    again = load_file(str(dirs["ema"] / "final" / "model.safetensors"))
+    assert "resumed from step-000004" in (dirs["ema"] / "worker.log").read_text()
+    assert all(torch.equal(again[k], v) for k, v in ema_final.items())

@@ -1,4 +1,4 @@
-"""The posttrain worker's bookkeeping: the EMA update, FLOPs per example kind, throughput without warm-up."""
+"""The posttrain worker's bookkeeping: the EMA update and its shares per rank, FLOPs per example kind, throughput without warm-up."""
 
 import pytest
 import torch
@@ -16,6 +16,21 @@ def test_the_grouped_ema_is_the_per_tensor_update(monkeypatch):
     want = {k: v.clone().mul_(0.99).add_(cur[k].float(), alpha=1 - 0.99) for k, v in ema.items()}
     W.ema_update(ema, cur, 0.99)
     assert all(torch.equal(ema[k], want[k]) for k in shapes)
+
+
+def test_ema_shares_split_the_trained_tensors_between_ranks():
+    net = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
+                              torch.nn.Linear(8, 50))
+    net[0].weight.requires_grad_(False)  # frozen: its average is itself
+    net.register_buffer("scale", torch.ones(3))
+    trained = [n for n, p in net.named_parameters() if p.requires_grad]
+    sizes = dict((n, p.numel()) for n, p in net.named_parameters())
+    for world in (1, 2, 3, 5):
+        shares = [W.ema_shard(net, r, world) for r in range(world)]
+        assert [k for s in shares for k in s] == trained, world  # each once, in the state dict's order
+        for s in shares:  # about 1/world of the elements each: off by less than one tensor
+            assert abs(sum(sizes[k] for k in s) - sum(sizes[k] for k in trained) / world) <= max(sizes.values())
+    assert W.ema_shard(net, 1, 2) and W.ema_shard(net, 0, 2) != W.ema_shard(net, 1, 2)
 
 
 class _Plain:

@@ -226,7 +226,10 @@ if triton is not None:
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         if DOT:  # q in row 0 of 16 (tl.dot's least): the K/V loads feed dots, so Triton pipelines them
             row0 = tl.arange(0, 16)[:, None] == 0
-            q16 = tl.where(row0, qraw[None, :], 0.0).to(qraw.dtype)
+            if IS_FP8:  # fp8 e4m3 -> fp16 is one hardware conversion per pair on sm_89+; to bf16 it is not
+                q16 = tl.where(row0, qraw[None, :], 0.0).to(tl.float16)
+            else:
+                q16 = tl.where(row0, qraw[None, :], 0.0).to(qraw.dtype)
             acc16 = tl.zeros([16, HD], tl.float32)
         else:
             acc = tl.zeros([HD], tl.float32)
@@ -254,7 +257,7 @@ if triton is not None:
                 k = tl.load(K + kvo, mask=inb[:, None], other=0.0)
                 v = tl.load(V + kvo, mask=inb[:, None], other=0.0)
             if DOT:
-                s = tl.sum(tl.dot(q16, tl.trans(k.to(qraw.dtype))), 0) * scale
+                s = tl.sum(tl.dot(q16, tl.trans(k.to(q16.dtype))), 0) * scale
             else:
                 s = tl.sum(k.to(tl.float32) * q[None, :], 1)
             if IS_FP8:
@@ -266,9 +269,9 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 0)
             if IS_FP8:
                 p = p * tl.load(VS + so, mask=inb, other=0.0)
-            if DOT:  # p rounded to q's dtype for p @ V, as in flash attention
-                p16 = tl.where(row0, p[None, :], 0.0).to(qraw.dtype)
-                acc16 = acc16 * alpha + tl.dot(p16, v.to(qraw.dtype))
+            if DOT:  # p rounded to the dot's dtype for p @ V, as in flash attention
+                p16 = tl.where(row0, p[None, :], 0.0).to(q16.dtype)
+                acc16 = acc16 * alpha + tl.dot(p16, v.to(q16.dtype))
             else:
                 acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
             m_i = m_new

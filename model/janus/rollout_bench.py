@@ -50,7 +50,8 @@ SWEEP = {  # v2 launch configurations tried by --sweep: (block_n, warps, stages,
     True: [D.Config(32, 1, 1, 1, False, False), D.Config(32, 2, 1, 1, False, True),
            D.Config(64, 4, 1, 1, False, True), D.Config(64, 4, 3, 1, True), D.Config(128, 4, 2, 1, True),
            D.Config(128, 4, 3, 1, True), D.Config(128, 8, 3, 1, True), D.Config(256, 8, 2, 1, True),
-           D.Config(128, 4, 3, 2, True), D.Config(128, 4, 3, 4, True)],
+           D.Config(128, 4, 3, 2, True), D.Config(128, 4, 3, 4, True), D.Config(64, 4, 4, 1, True),
+           D.Config(128, 4, 4, 1, True), D.Config(256, 8, 3, 1, True), D.Config(64, 2, 3, 1, True)],
 }
 
 

@@ -58,7 +58,8 @@ def check_attn() -> None:
             got8 = D.decode_attention_v2(q, kq, vq, start, prow, plen, slot, 0.3, kn, vn, ks, vs,
                                          config=config).float()
             err8 = float((got8 - ref8).abs().max())
-            assert err8 <= tol, (tuple(config), dt, "fp8", err8)
+            tol8 = 2e-2 if config.dot else tol  # an fp8 cache's dot loop runs in fp16 whatever q's dtype
+            assert err8 <= tol8, (tuple(config), dt, "fp8", err8)
             print(tuple(config), dt, "max error", err, "fp8", err8, flush=True)
     # the case is sensitive to where the prefix is read from and where a row starts
     q, k, v, start, prow, plen, slot, kn, vn = case(torch.float32)
