@@ -32,8 +32,9 @@ STAGE = StageSpec(name="posttrain", code_version="4", section="posttrain", input
                   optional=("groups",),
                   outputs={"checkpoint": CHECKPOINT}, exclusive=True)
 TRAINS_ON = {"sft": "cpr", "dpo": "dpo_pairs", "grpo": "groups"}  # the dataset each objective trains on
-# how many ranks train, how often they save, whether layers are compiled and how the cross-entropy is chunked
-# change speed, not the model: they stay out of the fingerprint
+# how often the trainer saves, whether layers are compiled and how the cross-entropy is chunked change speed, not
+# the model: they stay out of the fingerprint. `nproc` does too, but the rank count it resolves to does not
+# (`plan_of`): micro_batch is per rank, so the global batch grows with the ranks
 SPEED_ONLY = {"nproc", "timeout_s", "checkpoint_every", "compile", "loss_chunk"}
 
 
@@ -154,7 +155,13 @@ def work_dir(plan, ctx: StageContext) -> Path:
 
 
 def plan_of(inputs: dict[str, DatasetRef], cfg: PosttrainConfig, ctx: StageContext):
-    return make_plan(STAGE, inputs, cfg.model_dump(mode="json", exclude=SPEED_ONLY), ctx)
+    """The stage's plan, fingerprinted by what is learned: the config less SPEED_ONLY, and the rank count where
+    it is above one (a child trained on 8 GPUs saw batches 8 times larger than one trained on 1; one rank keeps
+    the fingerprints of the runs before the count was added)."""
+    config = cfg.model_dump(mode="json", exclude=SPEED_ONLY)
+    if (ranks := rank_count(cfg.nproc)) > 1:
+        config["ranks"] = ranks
+    return make_plan(STAGE, inputs, config, ctx)
 
 
 def child_of(ref: DatasetRef) -> dict:

@@ -72,7 +72,7 @@ def test_throughput_leaves_the_warmup_steps_out_and_says_what_the_wall_gives():
     assert profiled["timed_steps"] == 2 and profiled["step_s"] == 1.0  # the profiled step is not timed
 
 
-def test_compile_and_loss_chunk_stay_out_of_the_stages_fingerprint(tmp_path):
+def test_compile_and_loss_chunk_stay_out_of_the_stages_fingerprint_and_the_rank_count_enters_it(tmp_path):
     from configs.schema import PosttrainConfig
     from storage import DatasetRef
     from tasks import posttrain
@@ -83,3 +83,6 @@ def test_compile_and_loss_chunk_stay_out_of_the_stages_fingerprint(tmp_path):
     fp = lambda **kw: posttrain.plan_of(inputs, PosttrainConfig(**kw), ctx).ref.fingerprint  # noqa: E731
     assert fp() == fp(compile=True, loss_chunk=0) == fp(compile=False, loss_chunk=512)
     assert fp() != fp(lr=2e-4)  # what is learned does enter it
+    # the rank count does too (micro_batch is per rank), as 'auto' resolves it on this machine
+    assert fp(nproc=1) == fp(timeout_s=60) != fp(nproc=2) != fp(nproc=4)
+    assert fp(nproc="auto") == fp(nproc=posttrain.rank_count("auto"))
