@@ -233,3 +233,13 @@ def test_two_ranks_keep_a_share_of_the_ema_each_resume_it_and_export_it_whole(ge
     again = load_file(str(dirs["ema"] / "final" / "model.safetensors"))
     assert "resumed from step-000004" in (dirs["ema"] / "worker.log").read_text()
     assert all(torch.equal(again[k], v) for k, v in ema_final.items())
+    # a checkpoint written before the shares holds the whole EMA in one file: it resumes the same way
+    from safetensors.torch import save_file
+
+    save_file({**shares[0], **shares[1]}, str(step4["ema"] / "ema.safetensors"))
+    for r in (0, 1):
+        (step4["ema"] / f"ema-rank{r}.safetensors").unlink()
+    shutil.rmtree(dirs["ema"] / "final")
+    posttrain.launch(json.loads((dirs["ema"] / "job.json").read_text()), dirs["ema"], 2, 600, lambda _: None)
+    old = load_file(str(dirs["ema"] / "final" / "model.safetensors"))
+    assert all(torch.equal(old[k], v) for k, v in ema_final.items())
