@@ -171,28 +171,24 @@ def ema_shard(net: torch.nn.Module, rank: int, world: int) -> list[str]:
 
 
 def gather_ema(run: Run) -> dict[str, torch.Tensor] | None:
-    """The whole EMA on rank 0 (on the CPU; None on the other ranks): each share sent by its rank, in the state
-    dict's order. Every rank calls it."""
+    """The whole EMA on rank 0 (on the CPU; None on the other ranks), in the state dict's order: the shares are
+    contiguous runs of it, each rank sends its own. Every rank calls it."""
     import torch.distributed as dist
 
     if run.ema is None:
         return None
-    if run.world == 1:
-        return {k: v.cpu() for k, v in run.ema.items()}
+    if run.rank != 0:
+        for t in run.ema.values():  # in ema_shard's order, which rank 0 receives in
+            dist.send(t.contiguous(), dst=0)
+        return None
+    full = {k: v.cpu() for k, v in run.ema.items()}
     params = dict(run.engine.module.net.named_parameters(remove_duplicate=False))
-    full = {}
-    for owner in range(run.world):
-        names = run.ema if owner == run.rank else ema_shard(run.engine.module.net, owner, run.world)
-        for k in names:
-            if run.rank == owner == 0:
-                full[k] = run.ema[k].cpu()
-            elif run.rank == owner:
-                dist.send(run.ema[k].contiguous(), dst=0)
-            elif run.rank == 0:
-                buf = torch.empty(params[k].shape, dtype=torch.float32, device=run.device)
-                dist.recv(buf, src=owner)
-                full[k] = buf.cpu()
-    return full if run.rank == 0 else None
+    for owner in range(1, run.world):
+        for k in ema_shard(run.engine.module.net, owner, run.world):
+            buf = torch.empty(params[k].shape, dtype=torch.float32, device=run.device)
+            dist.recv(buf, src=owner)
+            full[k] = buf.cpu()
+    return full
 
 
 # --- checkpoints: safetensors + JSON ------------------------------------------------------------------
