@@ -176,13 +176,13 @@ FILL = 4096
 
 def default_config(rows_x_heads: int, fp8: bool) -> Config:
     """The configurations the rollout bench's kernel sweep (model/janus/rollout_bench.py) measured fastest on an
-    H200 for the 1B shape at 256 images (bf16: 363 us a layer, 4.13 TB/s requested; fp8: 286 us), pinned so that a
-    seed gives the same tokens run to run; fewer (row, head) programs than fill the GPU are split along the
-    sequence (not measured at those sizes)."""
+    H200 for the 1B shape at 256 images (bf16: 352 us a layer, 4.26 TB/s requested; fp8: 234 us, 3.30 TB/s), pinned
+    so that a seed gives the same tokens run to run; fewer (row, head) programs than fill the GPU are split along
+    the sequence (not measured at those sizes)."""
     splits = 1 if rows_x_heads >= FILL else min(8, -(-FILL // rows_x_heads))
     if fp8:
-        return Config(block_n=32, warps=1, stages=1, splits=splits, dot=False, prefetch=False)
-    return Config(block_n=64, warps=4, stages=3, splits=splits, dot=True, prefetch=False)
+        return Config(block_n=32, warps=1, stages=2, splits=splits, dot=False, prefetch=False)
+    return Config(block_n=64, warps=4, stages=2, splits=splits, dot=True, prefetch=False)
 
 
 if triton is not None:
@@ -267,12 +267,19 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new)
             l_i = l_i * alpha + tl.sum(p, 0)
-            if IS_FP8:
-                p = p * tl.load(VS + so, mask=inb, other=0.0)
             if DOT:  # p rounded to the dot's dtype for p @ V, as in flash attention
-                p16 = tl.where(row0, p[None, :], 0.0).to(q16.dtype)
-                acc16 = acc16 * alpha + tl.dot(p16, v.to(q16.dtype))
+                if IS_FP8:  # V's slot scales over the block's largest, so p * scale stays in fp16's normal range
+                    vsc = tl.load(VS + so, mask=inb, other=0.0)
+                    vmax = tl.max(vsc, 0)
+                    vmax = tl.where(vmax > 0, vmax, 1.0)
+                    p16 = tl.where(row0, (p * (vsc / vmax))[None, :], 0.0).to(q16.dtype)
+                    acc16 = acc16 * alpha + tl.dot(p16, v.to(q16.dtype)) * vmax
+                else:
+                    p16 = tl.where(row0, p[None, :], 0.0).to(q16.dtype)
+                    acc16 = acc16 * alpha + tl.dot(p16, v.to(q16.dtype))
             else:
+                if IS_FP8:
+                    p = p * tl.load(VS + so, mask=inb, other=0.0)
                 acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
             m_i = m_new
         if DOT:
@@ -361,6 +368,38 @@ def decode_attention_v2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
                                 k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), o.stride(0),
                                 o.stride(1), GROUP=H // KVH, HD=hd, SPLITS=c.splits, num_warps=1)
     return o
+
+
+if triton is not None:
+
+    @triton.jit
+    def _write_slot_kernel(DST, SRC, SLOT, total, S, D: tl.constexpr, BLOCK: tl.constexpr):
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = e < total
+        slot = tl.load(SLOT).to(tl.int64)
+        x = tl.load(SRC + e, mask=ok)
+        tl.store(DST + (e // D) * (S * D) + slot * D + e % D, x, mask=ok)
+
+
+def write_slot(dst: torch.Tensor, src: torch.Tensor, slot: torch.Tensor, dim: int) -> None:
+    """dst.index_copy_(dim, slot, src) for a contiguous dst and src (src.shape[dim] == 1, slot (1,) on the
+    device), in one launch. Why: torch splits a copy into a tensor of more than 2**31 bytes (the v2 cache of all
+    layers, 35 GB at 256 images) into one launch per 2**31-byte piece, 32 small launches per tensor each step."""
+    if available(dst.device) and dst.is_contiguous():
+        write_slot_triton(dst, src.contiguous(), slot, dim)
+    else:
+        dst.index_copy_(dim, slot, src)
+
+
+def write_slot_triton(dst: torch.Tensor, src: torch.Tensor, slot: torch.Tensor, dim: int) -> None:
+    if not (dst.is_contiguous() and src.is_contiguous()) or src.shape[dim] != 1 \
+            or src.shape[:dim] + src.shape[dim + 1:] != dst.shape[:dim] + dst.shape[dim + 1:]:
+        raise ValueError(f"write_slot: dst {tuple(dst.shape)} and src {tuple(src.shape)} must be contiguous and "
+                         f"differ only in dim {dim}, where src has size 1")
+    S, D = dst.shape[dim], dst[(0,) * (dim + 1)].numel()
+    total = src.numel()
+    BLOCK = 2048
+    _write_slot_kernel[(triton.cdiv(total, BLOCK),)](dst, src, slot, total, S, D=D, BLOCK=BLOCK, num_warps=4)
 
 
 def decode_attention_v2_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,

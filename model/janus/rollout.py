@@ -336,7 +336,7 @@ class ImageRollout:
         # the cache, all layers in one copy per tensor: slot is dim 3 of (layers, R, KVH, S[, hd])
         dsts = st.kv if st.k_scale is None else (st.kv[0].view(torch.uint8), st.kv[1].view(torch.uint8), *st.kv[2:])
         for dst, src in zip(dsts, forms):
-            dst.index_copy_(3, st.slot, src)
+            decode_attn.write_slot(dst, src, st.slot, 3)
         st.mask.index_fill_(1, st.slot, True)
         st.pos.add_(1)
         st.slot.add_(1)

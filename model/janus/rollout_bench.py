@@ -46,12 +46,18 @@ SWEEP = {  # v2 launch configurations tried by --sweep: (block_n, warps, stages,
     False: [D.Config(32, 1, 1, 1, False, False), D.Config(32, 2, 1, 1, False, True),
             D.Config(64, 4, 1, 1, False, True), D.Config(32, 4, 3, 1, True), D.Config(64, 4, 2, 1, True),
             D.Config(64, 4, 3, 1, True), D.Config(64, 4, 4, 1, True), D.Config(128, 4, 2, 1, True),
-            D.Config(128, 8, 3, 1, True), D.Config(64, 4, 3, 2, True), D.Config(64, 4, 3, 4, True)],
+            D.Config(128, 8, 3, 1, True), D.Config(64, 4, 3, 2, True), D.Config(64, 4, 3, 4, True),
+            D.Config(128, 4, 3, 1, True), D.Config(64, 8, 3, 1, True), D.Config(64, 4, 5, 1, True),
+            D.Config(32, 4, 4, 1, True), D.Config(64, 2, 3, 1, True), D.Config(32, 1, 2, 1, False, False),
+            D.Config(32, 1, 3, 1, False, False), D.Config(32, 2, 3, 1, False, False)],
     True: [D.Config(32, 1, 1, 1, False, False), D.Config(32, 2, 1, 1, False, True),
            D.Config(64, 4, 1, 1, False, True), D.Config(64, 4, 3, 1, True), D.Config(128, 4, 2, 1, True),
            D.Config(128, 4, 3, 1, True), D.Config(128, 8, 3, 1, True), D.Config(256, 8, 2, 1, True),
            D.Config(128, 4, 3, 2, True), D.Config(128, 4, 3, 4, True), D.Config(64, 4, 4, 1, True),
-           D.Config(128, 4, 4, 1, True), D.Config(256, 8, 3, 1, True), D.Config(64, 2, 3, 1, True)],
+           D.Config(128, 4, 4, 1, True), D.Config(256, 8, 3, 1, True), D.Config(64, 2, 3, 1, True),
+           D.Config(32, 1, 2, 1, False, False), D.Config(32, 1, 3, 1, False, False),
+           D.Config(32, 1, 4, 1, False, False), D.Config(16, 1, 3, 1, False, False),
+           D.Config(64, 1, 3, 1, False, False), D.Config(64, 2, 3, 1, False, False)],
 }
 
 
@@ -261,7 +267,9 @@ def profile_steps(eng: ImageRollout, steps: int = 3, rows: int = 25) -> dict[str
     text = "\n".join([f"{'us/step':>9} {'share':>6} {'calls':>6}  kernel"] +
                      [f"{t['us_per_step']:>9.1f} {t['share']:>6.3f} {t['calls_per_step']:>6.1f}  {t['kernel']}"
                       for t in table] + [f"{total / steps:>9.1f} {'1':>6}         total GPU time per step"])
+    attn = sum(us(e) for e in ev if "decode" in e.key or "combine" in e.key)  # the attention kernels (Triton's)
     return {"steps": steps, "cached_slots": st.L + mid - 1, "gpu_us_per_step": round(total / steps, 1),
+            "attention_us_per_step": round(attn / steps, 1), "rest_us_per_step": round((total - attn) / steps, 1),
             "kernels": table, "table": text}
 
 
@@ -302,8 +310,8 @@ def run_engine(bn: Bench, umm, b: Batch, name: str, config, ref: dict, peak: flo
                        else None)
     umm._engine = eng
     umm.settings = umm.settings.model_copy(update={"image_batch": b.batch})
-    r: dict[str, Any] = {"impl": impl, "kv_cache": eng.kv_cache, "config": list(config) if config and impl == "v2"
-                         else None}
+    r: dict[str, Any] = {"impl": impl, "kv_cache": eng.kv_cache,
+                         "config": list(config) if config and impl == "v2" else None}
     bn.res.setdefault("engines", {})[name] = r
     sc = [a.cfg_scale] * len(b.P)
 
@@ -366,6 +374,11 @@ def run_engine(bn: Bench, umm, b: Batch, name: str, config, ref: dict, peak: flo
             r["profile"] = profile_steps(eng)
             print(f"[rollout_bench] profile of {name}:\n{r['profile']['table']}", flush=True)
             r["profile"]["gpu_busy_share_of_graph_step"] = round(r["profile"]["gpu_us_per_step"] / 1e6 / step, 3)
+            # the step's other kernels as measured, plus each distinct cache byte read once at the measured peak
+            uq = b.kv_bytes(sl["v2_unique"], fp8)
+            bound = r["profile"]["rest_us_per_step"] / 1e6 + uq / peak
+            r["bound_measured_rest_plus_unique_read_at_peak"] = {"step_ms": round(bound * 1e3, 3),
+                                                                  "images_per_s": round(b.batch / b.n / bound, 2)}
         except Exception as exc:  # noqa: BLE001
             r["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     eng.release()
@@ -468,7 +481,8 @@ def main(argv=None) -> dict:
     def brief(r: dict) -> dict:
         out = {k: r.get(k) for k in ("images_per_s", "step_ms", "cache_read_TBps_requested", "cache_read_TBps_unique",
                                      "of_peak_requested", "same_seed_same_tokens", "token_match_vs_first_engine",
-                                     "config") if r.get(k) is not None}
+                                     "config", "bound_measured_rest_plus_unique_read_at_peak")
+               if r.get(k) is not None}
         if isinstance(r.get("fidelity"), dict):
             out["fidelity"] = {k: r["fidelity"][k] for k in ("kl_mean", "kl_max", "top1_agreement")}
         if r.get("no_prefix_sharing"):

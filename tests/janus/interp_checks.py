@@ -61,6 +61,15 @@ def check_attn() -> None:
             tol8 = 2e-2 if config.dot else tol  # an fp8 cache's dot loop runs in fp16 whatever q's dtype
             assert err8 <= tol8, (tuple(config), dt, "fp8", err8)
             print(tuple(config), dt, "max error", err, "fp8", err8, flush=True)
+    # the cache write of a decoding step: every layer's slot in one launch, the same as index_copy_
+    g = torch.Generator().manual_seed(1)
+    for shape, dtype in (((3, 5, 2, 7, 32), torch.bfloat16), ((3, 5, 2, 7), torch.float32),
+                         ((3, 5, 2, 7, 32), torch.uint8)):
+        dst = torch.randint(0, 100, shape, generator=g).to(dtype)
+        src = torch.randint(0, 100, shape[:3] + (1,) + shape[4:], generator=g).to(dtype)
+        want = dst.clone().index_copy_(3, torch.tensor([4]), src)
+        D.write_slot_triton(dst, src, torch.tensor([4]), 3)
+        assert torch.equal(dst, want), shape
     # the case is sensitive to where the prefix is read from and where a row starts
     q, k, v, start, prow, plen, slot, kn, vn = case(torch.float32)
     got = D.decode_attention_v2(q, k, v, start, prow, plen, slot, 0.3, kn, vn, config=configs[0][0])

@@ -92,6 +92,9 @@ def test_kernels_compile_for_hopper():
     types = {"Q": "*bf16", "KN": "*bf16", "VN": "*bf16", "PM": "*fp32", "PL": "*fp32", "PACC": "*fp32", "O": "*bf16",
              "qk_scale": "fp32"}
     assert _compile_sm90(D._combine_kernel, types, {"GROUP": 1, "HD": 128, "SPLITS": 4}, 1, 1).asm["cubin"]
+    for et, d in (("*bf16", 128), ("*u8", 128), ("*fp32", 1)):
+        types = {"DST": et, "SRC": et, "SLOT": "*i64", "total": "i64", "S": "i32"}
+        assert _compile_sm90(D._write_slot_kernel, types, {"D": d, "BLOCK": 2048}, 4, 1).asm["cubin"]
     types = {"LOGITS": "*bf16", "SEEDS": "*i64", "SCALES": "*fp32", "INV_T": "*fp32", "STEP": "*i64", "OUT": "*i64"}
     assert _compile_sm90(SK._gumbel_argmax_kernel, types, {"CFG": True, "BLOCK": 2048}, 8, 1,
                          enable_fp_fusion=False).asm["cubin"]
