@@ -382,8 +382,8 @@ if triton is not None:
 
 
 def write_slot(dst: torch.Tensor, src: torch.Tensor, slot: torch.Tensor, dim: int) -> None:
-    """dst.index_copy_(dim, slot, src) for a contiguous dst and src (src.shape[dim] == 1, slot (1,) on the
-    device), in one launch. Why: torch splits a copy into a tensor of more than 2**31 bytes (the v2 cache of all
+    """dst.index_copy_(dim, slot, src) (src.shape[dim] == 1, slot (1,) on the device); on a GPU with a contiguous
+    dst, one Triton launch. Why: torch splits a copy into a tensor of more than 2**31 bytes (the v2 cache of all
     layers, 35 GB at 256 images) into one launch per 2**31-byte piece, 32 small launches per tensor each step."""
     if available(dst.device) and dst.is_contiguous():
         write_slot_triton(dst, src.contiguous(), slot, dim)

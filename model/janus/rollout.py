@@ -18,12 +18,13 @@ overhead-bound), this engine does with:
 - `impl="v2"` (the default; `JANUS_ROLLOUT_IMPL=v1` or `impl="v1"` gives the step as it was before, which the
   bench runs beside it): the same step with less read and fewer kernels. On an H200 (1B shape, 256 images, CFG 5)
   40.6-42.8 images/s over four machines against v1's 28.2-28.3, the same tokens run to run, and teacher-forced
-  logits closer to v1's than v1 compiled is to v1 eager (docs/janus.md). Each distinct prefix is prefilled once and the rows that share it read it
-  from one cache row (the samples of a prompt; unconditional rows of one length), rows skip their left padding,
-  decode attention is `decode_attn.decode_attention_v2` (split along the sequence where rows x heads are few), the
-  q/k/v and gate/up projections run as one matrix product each (concatenated copies of the weights, refreshed from
-  the model at every `sample` call), the generation head joins the compiled step, the cache is written with one
-  copy per tensor for all layers, and the hash sampler is one Triton kernel (model/janus/sample_kernel.py). Without
+  logits closer to v1's than v1 compiled is to v1 eager (docs/janus.md). Each distinct prefix is prefilled once and
+  the rows that share it read it from one cache row (the samples of a prompt; unconditional rows of one length),
+  rows skip their left padding, decode attention is `decode_attn.decode_attention_v2` (split along the sequence
+  where rows x heads are few), the q/k/v and gate/up projections run as one matrix product each (concatenated
+  copies of the weights, refreshed from the model at every `sample` call), the generation head joins the compiled
+  step, the cache is written with one copy per tensor for all layers (one Triton launch each:
+  `decode_attn.write_slot`), and the hash sampler is one Triton kernel (model/janus/sample_kernel.py). Without
   Triton or a GPU it runs the same step with `decode_attention_v2_ref` (the CPU tests compare it with v1).
 
 Teacher forcing (`sample(force=tokens, capture=n)`): each step is fed the given token instead of the sampled one and

@@ -333,8 +333,8 @@ def run_engine(bn: Bench, umm, b: Batch, name: str, config, ref: dict, peak: flo
     kv = b.kv_bytes(sl["v1" if impl == "v1" else "v2_requested"], fp8)
     r["kv_GB_per_step_requested"] = round(kv / 1e9, 2)
     r["cache_read_TBps_requested"] = round(kv / step / 1e12, 3)
+    uq = b.kv_bytes(sl["v2_unique"], fp8)  # each distinct prefix once, no padding
     if impl == "v2":
-        uq = b.kv_bytes(sl["v2_unique"], fp8)
         r["kv_GB_per_step_unique"] = round(uq / 1e9, 2)
         r["cache_read_TBps_unique"] = round(uq / step / 1e12, 3)
     r["of_peak_requested"] = round(kv / step / peak, 3)
@@ -375,7 +375,6 @@ def run_engine(bn: Bench, umm, b: Batch, name: str, config, ref: dict, peak: flo
             print(f"[rollout_bench] profile of {name}:\n{r['profile']['table']}", flush=True)
             r["profile"]["gpu_busy_share_of_graph_step"] = round(r["profile"]["gpu_us_per_step"] / 1e6 / step, 3)
             # the step's other kernels as measured, plus each distinct cache byte read once at the measured peak
-            uq = b.kv_bytes(sl["v2_unique"], fp8)
             bound = r["profile"]["rest_us_per_step"] / 1e6 + uq / peak
             r["bound_measured_rest_plus_unique_read_at_peak"] = {"step_ms": round(bound * 1e3, 3),
                                                                   "images_per_s": round(b.batch / b.n / bound, 2)}
